@@ -1,0 +1,1 @@
+"""Built-in datasets, registered through the ``fairbench.datasets`` entry-point group."""

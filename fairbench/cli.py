@@ -1,0 +1,259 @@
+"""The ``fairbench`` command line.
+
+Heavy libraries (torch, timm, mlflow) are imported inside the commands that need them, so
+``fairbench --help`` and ``fairbench list`` answer quickly.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from fairbench import __version__
+from fairbench.errors import FairbenchError
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a FairbenchError as one line and exit with its code; Ctrl-C exits 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FairbenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the run was recorded as KILLED", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fairbench")
+def main() -> None:
+    """Compare fairness methods for medical image classification on equal terms."""
+
+
+@main.command("list")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of prepared datasets [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+)
+@_fail_cleanly
+def list_(data_dir: str | None) -> None:
+    """List the methods and datasets that are installed."""
+    from rich.table import Table
+
+    from fairbench import registry
+    from fairbench.config import RunConfig
+
+    folder = RunConfig(data_dir=data_dir).resolved_data_dir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        methods = registry.methods.load_all()
+        datasets = registry.datasets.load_all()
+    console = _console()
+    table = Table(title="methods")
+    table.add_column("name")
+    table.add_column("uses attributes in training")
+    table.add_column("description")
+    for name, cls in methods.items():
+        table.add_row(name, "yes" if cls.uses_attributes else "no", cls.summary())
+    console.print(table)
+    table = Table(title="datasets")
+    table.add_column("name")
+    table.add_column("attributes (groups)")
+    table.add_column("prepared")
+    for name, cls in datasets.items():
+        attrs = "; ".join(f"{a}: {', '.join(g)}" for a, g in cls.attributes.items())
+        if not cls.needs_prepare:
+            state = "built in"
+        else:
+            state = "yes" if cls().is_prepared(folder) else f"no (fairbench prepare {name})"
+        table.add_row(name, attrs, state)
+    console.print(table)
+    _show_warnings(caught)
+
+
+@main.command()
+@click.option("--method", "-m", default="erm", show_default=True, help="Method name (see 'fairbench list').")
+@click.option("--dataset", "-d", default="synthetic", show_default=True, help="Dataset name.")
+@click.option(
+    "--option",
+    "-o",
+    "method_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A method option, e.g. -o lambda_nir=0.2 (repeatable).",
+)
+@click.option(
+    "--dataset-option",
+    "-D",
+    "dataset_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A dataset option, e.g. -D label_noise=0.3 (repeatable).",
+)
+@click.option("--backbone", default="resnet18", show_default=True, help="Any timm model name.")
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=False,
+    show_default=True,
+    help="Start from timm's pretrained weights (downloads them).",
+)
+@click.option(
+    "--pretrained-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start from weights in a local checkpoint (offline).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Stop after this many epochs without a better validation AUC (0: never).",
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--image-size", type=click.IntRange(min=8), default=None, help="Input size in pixels [default: the dataset's]."
+)
+@click.option(
+    "--threshold",
+    default="0.5",
+    show_default=True,
+    help="Decision threshold: a number, or 'youden' / 'f1' fitted on validation.",
+)
+@click.option(
+    "--attribute",
+    default=None,
+    help="Attribute given to attribute-aware methods in training [default: the dataset's first]. "
+    "Evaluation always covers every attribute.",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Bootstrap resamples for the test confidence intervals.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: from the core count]."
+)
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of prepared datasets [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+)
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
+)
+@_fail_cleanly
+def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any) -> None:
+    """Train one method on one dataset, evaluate it and record it in MLflow."""
+    from fairbench import options, registry
+    from fairbench.config import RunConfig
+    from fairbench.experiment import run_experiment
+    from fairbench.trainer import TrainConfig
+
+    method_cls = registry.methods.get(kw["method"])
+    dataset_cls = registry.datasets.get(kw["dataset"])
+    train = TrainConfig(
+        **{
+            k: kw.pop(k)
+            for k in (
+                "epochs",
+                "patience",
+                "batch_size",
+                "lr",
+                "weight_decay",
+                "optimizer",
+                "seed",
+                "device",
+                "num_workers",
+                "compile",
+            )
+        }
+    )
+    config = RunConfig(
+        method_options=options.parse(method_cls, method_pairs, f"method '{kw['method']}'"),
+        dataset_options=options.parse(dataset_cls, dataset_pairs, f"dataset '{kw['dataset']}'"),
+        train=train,
+        **kw,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = run_experiment(config)
+    _print_summary(config, result)
+    _show_warnings([w for w in caught if w.category.__module__.startswith("fairbench")])
+    for w in result.test.warnings:
+        click.echo(f"warning: test: {w}", err=True)
+
+
+def _print_summary(config: Any, result: Any) -> None:
+    from rich.table import Table
+
+    test = result.test
+
+    def cell(key: str) -> str:
+        v = test.values.get(key, float("nan"))
+        if v != v:
+            return "missing"
+        if key not in test.ci:
+            return f"{v:.3f}"
+        lo, hi = test.ci[key]
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    fit = result.fit
+    title = (
+        f"{config.method} on {config.dataset} (seed {config.train.seed}): best epoch {fit.best_epoch + 1} "
+        f"of {fit.epochs_run}, {fit.seconds:.0f} s, threshold {test.threshold:.3f}"
+    )
+    table = Table(title=title, caption="test split; 95% bootstrap intervals in brackets")
+    table.add_column("attribute")
+    for col in ("AUC", "worst-group AUC", "TPR gap", "FPR gap", "EO gap"):
+        table.add_column(col)
+    table.add_row("(all)", cell("auc"), "", "", "", "")
+    for attr in result.attributes:
+        table.add_row(
+            attr,
+            "",
+            cell(f"{attr}/worst_auc"),
+            cell(f"{attr}/tpr_gap"),
+            cell(f"{attr}/fpr_gap"),
+            cell(f"{attr}/eo_gap"),
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"MLflow run {result.run_id} in {result.tracking_uri}")

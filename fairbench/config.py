@@ -1,0 +1,54 @@
+"""The run configuration: the single source of every knob of one training run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fairbench.trainer import TrainConfig
+
+
+def default_data_dir() -> Path:
+    """Prepared datasets live in ``$FAIRBENCH_DATA``, else the per-user cache folder."""
+    if os.environ.get("FAIRBENCH_DATA"):
+        return Path(os.environ["FAIRBENCH_DATA"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "fairbench"
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one run; logged as MLflow parameters.
+
+    ``method_options`` and ``dataset_options`` hold the plugin's full resolved options
+    (defaults included), so a logged run can be repeated from its parameters alone.
+    """
+
+    method: str = "erm"
+    dataset: str = "synthetic"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    image_size: int | None = None
+    attribute: str | None = None
+    threshold: str = "0.5"
+    bootstrap: int = 1000
+    train: TrainConfig = field(default_factory=TrainConfig)
+    results_dir: str = "results"
+    tracking_uri: str | None = None
+    data_dir: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """Flat parameters: top-level knobs, trainer knobs, ``method.*`` and ``dataset.*`` options."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("method_options", "dataset_options", "train")}
+        out.update(asdict(self.train))
+        out.update({f"method.{k}": v for k, v in self.method_options.items()})
+        out.update({f"dataset.{k}": v for k, v in self.dataset_options.items()})
+        return out
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()

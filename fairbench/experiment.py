@@ -1,0 +1,141 @@
+"""One experiment end to end: data -> backbone -> method -> trainer -> metrics -> MLflow.
+
+The CLI's ``run``, tuning trials and suites all call :func:`run_experiment` with different
+configurations; none of them reaches inside the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from fairbench import options, registry, tracking
+from fairbench.config import RunConfig
+from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.metrics import THRESHOLD_RULES, Report, evaluate, select_threshold
+from fairbench.model import create_backbone
+from fairbench.trainer import EpochCallback, FitResult, Predictions, fit, seed_everything
+
+
+@dataclass
+class ExperimentResult:
+    run_id: str
+    tracking_uri: str
+    fit: FitResult
+    attributes: dict[str, list[str]]
+    val: Report
+    test: Report
+
+
+def _check_threshold(rule: str) -> None:
+    try:
+        float(rule)
+    except ValueError:
+        if rule not in THRESHOLD_RULES:
+            raise FairbenchError(f"--threshold {rule}: use a number such as 0.5, 'youden' or 'f1'") from None
+
+
+def predictions_frame(pred: Predictions, attributes: list[str]) -> pd.DataFrame:
+    """The saved predictions table: index, score, label and one column of codes per attribute."""
+    frame = pd.DataFrame({"index": np.arange(len(pred.scores)), "score": pred.scores, "label": pred.labels})
+    for i, attr in enumerate(attributes):
+        frame[attr] = np.asarray(pred.attrs)[:, i]
+    return frame
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Validate names and fill every default (plugin options, image size, attribute)."""
+    method_cls = registry.methods.get(config.method)
+    dataset_cls = registry.datasets.get(config.dataset)
+    _check_threshold(config.threshold)
+    config.method_options = {**options.defaults(method_cls), **config.method_options}
+    config.dataset_options = {**options.defaults(dataset_cls), **config.dataset_options}
+    attributes = list(dataset_cls.attributes)
+    if config.attribute is None:
+        config.attribute = attributes[0] if attributes else None
+    elif config.attribute not in attributes:
+        raise UnknownNameError(
+            f"dataset '{config.dataset}' has no attribute '{config.attribute}'; attributes: {', '.join(attributes)}"
+        )
+    if config.image_size is None:
+        config.image_size = dataset_cls.default_image_size
+    return config
+
+
+def run_experiment(
+    config: RunConfig,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+    kind: str = "run",
+    extra_tags: dict[str, str] | None = None,
+) -> ExperimentResult:
+    """Train and evaluate one configuration, recording everything in one MLflow run."""
+    config = resolve(config)
+    method_cls = registry.methods.get(config.method)
+    dataset = registry.datasets.get(config.dataset)(**config.dataset_options)
+    data_dir = config.resolved_data_dir()
+    if not dataset.is_prepared(data_dir):
+        raise FairbenchError(
+            f"dataset '{config.dataset}' is not prepared in {data_dir}: run "
+            f"'fairbench prepare {config.dataset} --source <download folder>' first"
+        )
+    seed_everything(config.train.seed)
+    splits = dataset.load(data_dir, config.image_size)
+    backbone = create_backbone(
+        config.backbone, splits.in_chans, pretrained=config.pretrained, pretrained_file=config.pretrained_file
+    )
+    uri = tracking.resolve_tracking_uri(config.results_dir, config.tracking_uri)
+    experiment = tracking.experiment_id(config.dataset, uri, config.results_dir)
+    tags = tracking.base_tags(
+        kind,
+        method=config.method,
+        dataset=config.dataset,
+        seed=config.train.seed,
+        backbone=config.backbone,
+        attribute=config.attribute,
+        uses_attributes=method_cls.uses_attributes,
+    )
+    tags.update(extra_tags or {})
+    run_name = f"{config.method}-{config.dataset}-s{config.train.seed}"
+    with tracking.tracked_run(experiment, run_name, tags) as run:
+        tracking.log_params(config.params())
+        tracking.log_json(asdict(config), "config.json")
+
+        def log_epoch(epoch: int, values: dict[str, float]) -> None:
+            tracking.log_metrics(values, step=epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, values)
+
+        result = fit(
+            method_cls,
+            config.method_options,
+            backbone,
+            splits,
+            config.attribute,
+            config.train,
+            on_epoch=log_epoch,
+            progress=progress,
+        )
+        threshold = select_threshold(result.val.scores, result.val.labels, config.threshold)
+        attrs = splits.attributes
+        val = evaluate(result.val.scores, result.val.labels, result.val.attrs, attrs, threshold=threshold)
+        test = evaluate(
+            result.test.scores,
+            result.test.labels,
+            result.test.attrs,
+            attrs,
+            threshold=threshold,
+            n_bootstrap=config.bootstrap,
+            seed=config.train.seed,
+        )
+        tracking.log_metrics(val.flat(), prefix="val/")
+        tracking.log_metrics(test.flat(), prefix="test/")
+        tracking.log_metrics(
+            {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": result.seconds}
+        )
+        tracking.log_json({"val": asdict(val), "test": asdict(test)}, "metrics.json")
+        for name, pred in (("val", result.val), ("test", result.test)):
+            tracking.log_table(predictions_frame(pred, list(attrs)), f"predictions_{name}.csv")
+    return ExperimentResult(run_id=run.info.run_id, tracking_uri=uri, fit=result, attributes=attrs, val=val, test=test)

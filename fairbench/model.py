@@ -1,0 +1,119 @@
+"""A timm backbone with a one-logit head that returns logits and penultimate features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fairbench.errors import FairbenchError, UnknownNameError
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` (B,) of the positive class and ``features`` (B, D): what the linear head receives."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class Backbone(nn.Module):
+    """Wraps a timm model so one forward pass yields both logits and penultimate features."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.feature_dim = int(getattr(net, "head_hidden_size", None) or net.num_features)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        logits = self.net.get_classifier()(features)
+        return ModelOutput(logits=logits.squeeze(-1), features=features)
+
+
+def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
+    """Load a local checkpoint strictly: only the classifier may be absent or of another size.
+
+    The first convolution is adapted to ``in_chans`` the way timm adapts downloaded weights.
+    Any other missing or unexpected key is an error, so a wrong file never trains silently
+    from random initialisation.
+    """
+    from timm.models import adapt_input_conv, load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as exc:
+        raise FairbenchError(
+            f"--pretrained-file {path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+            "give a state dict saved with torch.save or safetensors"
+        ) from None
+    own = net.state_dict()
+    classifier = net.pretrained_cfg.get("classifier", "")
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    first_conv = net.pretrained_cfg.get("first_conv", "")
+    conv_key = f"{first_conv}.weight" if first_conv else ""
+    if conv_key in state and conv_key in own and state[conv_key].shape[1] != in_chans:
+        state[conv_key] = adapt_input_conv(in_chans, state[conv_key])
+    for key in list(state):
+        head = any(c and (key == c or key.startswith(c + ".")) for c in classifiers)
+        if head and (key not in own or own[key].shape != state[key].shape):
+            del state[key]
+    missing = [k for k in own if k not in state and not any(c and k.startswith(c + ".") for c in classifiers)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(v)} {what} (e.g. {v[0]})"
+            for what, v in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("keys of another shape", wrong),
+            )
+            if v
+        ]
+        raise FairbenchError(
+            f"--pretrained-file {path} does not fit '{net.pretrained_cfg.get('architecture')}': "
+            f"{'; '.join(parts)}; check that the checkpoint belongs to this backbone"
+        )
+    net.load_state_dict(state, strict=False)
+
+
+def create_backbone(
+    name: str,
+    in_chans: int,
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | Path | None = None,
+) -> Backbone:
+    """Create timm model ``name`` with one output logit and ``in_chans`` input channels.
+
+    ``pretrained`` downloads timm's default weights; ``pretrained_file`` loads weights from a
+    local checkpoint instead (offline use), strictly: only the classifier may differ. In both
+    cases the first convolution is adapted to ``in_chans``.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"unknown backbone '{name}'{hint} (see timm.list_models())")
+    path = None
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise FairbenchError(f"--pretrained-file {path}: no such file; give the path of a saved state dict")
+        pretrained = False
+    try:
+        net = timm.create_model(name, pretrained=pretrained, num_classes=1, in_chans=in_chans)
+    except (RuntimeError, OSError) as exc:
+        raise FairbenchError(
+            f"pretrained weights of '{name}' could not be fetched ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "offline, download them elsewhere and pass --pretrained-file"
+        ) from None
+    if path is not None:
+        _load_local_weights(net, path, in_chans)
+    return Backbone(net)

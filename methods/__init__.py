@@ -1,0 +1,1 @@
+"""Built-in methods, registered through the ``fairbench.methods`` entry-point group."""
