@@ -221,39 +221,39 @@ def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any
         click.echo(f"warning: test: {w}", err=True)
 
 
+SUMMARY_METRICS = (
+    ("worst_auc", "worst-group AUC"),
+    ("tpr_gap", "TPR gap"),
+    ("fpr_gap", "FPR gap"),
+    ("eo_gap", "equalized-odds gap"),
+)
+
+
 def _print_summary(config: Any, result: Any) -> None:
     from rich.table import Table
 
     test = result.test
-
-    def cell(key: str) -> str:
-        v = test.values.get(key, float("nan"))
-        if v != v:
-            return "missing"
-        if key not in test.ci:
-            return f"{v:.3f}"
-        lo, hi = test.ci[key]
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-
     fit = result.fit
     title = (
-        f"{config.method} on {config.dataset} (seed {config.train.seed}): best epoch {fit.best_epoch + 1} "
-        f"of {fit.epochs_run}, {fit.seconds:.0f} s, threshold {test.threshold:.3f}"
+        f"{config.method} on {config.dataset}, seed {config.train.seed}: best epoch {fit.best_epoch + 1} "
+        f"of {fit.epochs_run}, {fit.seconds:.0f} s"
     )
-    table = Table(title=title, caption="test split; 95% bootstrap intervals in brackets")
-    table.add_column("attribute")
-    for col in ("AUC", "worst-group AUC", "TPR gap", "FPR gap", "EO gap"):
-        table.add_column(col)
-    table.add_row("(all)", cell("auc"), "", "", "", "")
-    for attr in result.attributes:
-        table.add_row(
-            attr,
-            "",
-            cell(f"{attr}/worst_auc"),
-            cell(f"{attr}/tpr_gap"),
-            cell(f"{attr}/fpr_gap"),
-            cell(f"{attr}/eo_gap"),
-        )
+    table = Table(title=title, caption=f"test split, threshold {test.threshold:.3f}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    rows = [("auc", "AUC")]
+    rows += [(f"{attr}/{key}", f"{attr}: {label}") for attr in result.attributes for key, label in SUMMARY_METRICS]
+    for key, label in rows:
+        v = test.values.get(key, float("nan"))
+        lo, hi = test.ci.get(key, (None, None))
+        value = "missing" if v != v else f"{v:.3f}"
+        table.add_row(label, value, "" if lo is None else f"{lo:.3f} – {hi:.3f}")
     console = _console()
     console.print(table)
-    console.print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+    console.print(f"MLflow run {result.run_id}", soft_wrap=True)
+    console.print(f"store {result.tracking_uri}", soft_wrap=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -109,9 +109,9 @@ def test_cli_run_prints_the_summary(tmp_path):
     ]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
-    assert "EO gap" in out.output
+    assert "sex: equalized-odds gap" in out.output
     run_id = out.output.split("MLflow run ")[1].split()[0]
-    assert str(results / "mlflow.db") in out.output.replace("\n", "")
+    assert f"store sqlite:///{results / 'mlflow.db'}" in out.output
     run = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED"
     assert "MLFLOW_TRACKING_URI" not in os.environ
@@ -161,3 +161,51 @@ def test_unprepared_dataset_names_the_prepare_command(tiny_config, tmp_path):
             if r.data.tags.get("fairbench.dataset") == "needs_prepare"
         ]
     )
+
+
+def test_ctrl_c_during_an_epoch_records_killed_and_the_next_run_works(tmp_path):
+    import signal
+    import time
+
+    results = tmp_path / "results"
+    args = [
+        sys.executable,
+        "-m",
+        "fairbench.cli",
+        "run",
+        "--backbone",
+        "test_resnet",
+        "--epochs",
+        "500",
+        "--patience",
+        "0",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--results-dir",
+        str(results),
+        "-D",
+        "n_train=64",
+        "-D",
+        "n_val=32",
+        "-D",
+        "n_test=32",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("epoch 2:") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output
+    assert "recorded as KILLED" in output
+    client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = [client.get_experiment_by_name("synthetic").experiment_id]
+    assert [r.info.status for r in client.search_runs(experiment)] == ["KILLED"]
+    again = CliRunner().invoke(main, [*args[3:-8], "--epochs", "1", "--bootstrap", "10", *args[-8:]])
+    assert again.exit_code == 0, again.output
+    assert sorted(r.info.status for r in client.search_runs(experiment)) == ["FINISHED", "KILLED"]
