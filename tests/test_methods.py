@@ -3,13 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fairbench.methods.adversarial import Adversarial, adversary_loss, grad_reverse
+from fairbench.methods.nir import NIR, nir_penalty
+from fairbench.methods.reweight import Reweight, group_weights
 from torch.utils.data import WeightedRandomSampler
 
 from fairbench import registry
 from fairbench.method import Batch, TrainInfo
-from fairbench.methods.adversarial import Adversarial, adversary_loss, grad_reverse
-from fairbench.methods.nir import NIR, nir_penalty
-from fairbench.methods.reweight import Reweight, group_weights
 from fairbench.model import ModelOutput, create_backbone
 
 # a hand-made training table: 2 groups x 2 labels with cells of 4, 2, 1, 3 samples, plus 2 unknown
@@ -162,7 +162,7 @@ def test_nir_gradient_reaches_features_and_logits():
     zd = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
     for side in ("positive", "both"):
         for normalize in ("none", "mean_square"):
-            assert torch.autograd.gradcheck(lambda h, z: nir_penalty(h, z, side, normalize), (hd, zd))
+            assert torch.autograd.gradcheck(lambda h, z, s=side, n=normalize: nir_penalty(h, z, s, n), (hd, zd))
 
 
 def test_nir_loss_adds_lambda_times_r_and_uses_no_attributes():
