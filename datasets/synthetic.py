@@ -6,10 +6,11 @@ Both sensitive attributes are visible, as they are in real images: ``sex`` shift
 tint, ``age`` adds fine texture. Two knobs plant the two kinds of bias studied in the
 fairness literature, in the training split only; validation and test are unbiased:
 
-- ``shortcut``: in the ``shortcut_group``, a small square marker co-occurs with the label
-  (present with probability (1 + shortcut)/2 on positives and (1 - shortcut)/2 on negatives;
-  everywhere else, and in val/test, with probability 1/2 regardless of the label). A model can
-  learn the marker instead of the disease for that group: a spurious correlation.
+- ``shortcut``: in the training images of the ``shortcut_group`` only, a small square marker
+  co-occurs with the label (present on a fraction (1 + shortcut)/2 of its positives and
+  (1 - shortcut)/2 of its negatives); no other image carries it, in any split. A model can
+  learn the marker instead of the disease, and then misses that group's positives at test,
+  where the marker is absent: a spurious correlation.
 - ``label_noise``: that fraction of the ``noise_group``'s positive training labels is flipped
   to negative: under-diagnosis, i.e. label bias.
 
@@ -29,6 +30,7 @@ from fairbench.errors import FairbenchError
 from fairbench.metrics import group_key
 
 ATTRIBUTES = {"sex": ["female", "male"], "age": ["<60", "≥60"]}
+RING_CONTRAST = (0.12, 0.45)  # range of the disease ring's contrast, faint to clear
 _SKIN = {0: (0.80, 0.62, 0.55), 1: (0.68, 0.56, 0.58)}  # female, male base tint (RGB in [0, 1])
 
 
@@ -98,7 +100,7 @@ class Synthetic(Dataset):
         rng = np.random.default_rng([self.seed, split_id])
         attrs = rng.integers(0, 2, size=(n, 2))
         disease = (rng.random(n) < self.prevalence).astype(np.int64)
-        marker_p = np.full(n, 0.5)
+        marker_p = np.zeros(n)
         labels = disease.copy()
         if biased:
             in_group = attrs[:, self.shortcut_col] == self.shortcut_code
@@ -122,7 +124,7 @@ class Synthetic(Dataset):
         d = np.sqrt((xx - cx) ** 2 + ((yy - cy) * 1.2) ** 2)
         lesion = np.exp(-((d / r) ** 2))
         # disease: a bright ring just outside the lesion, with contrast from faint to clear
-        contrast = rng.uniform(0.12, 0.45, (n, 1, 1)).astype(np.float32) * disease[:, None, None]
+        contrast = rng.uniform(*RING_CONTRAST, (n, 1, 1)).astype(np.float32) * disease[:, None, None]
         ring = contrast * np.exp(-(((d - 1.35 * r) / (0.22 * r)) ** 2))
         # age: fine texture, stronger in the older group
         texture_amp = np.where(attrs[:, 1] == 1, 0.09, 0.025).astype(np.float32)[:, None, None]

@@ -96,6 +96,85 @@ def list_(data_dir: str | None) -> None:
 
 
 @main.command()
+@click.argument("dataset")
+@click.option(
+    "--source", required=True, type=click.Path(file_okay=False), help="Folder of the raw download, as published."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where prepared datasets go [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Side of the cached square images [default: the dataset's].",
+)
+@click.option("--force", is_flag=True, help="Rebuild the cache even if it exists.")
+@click.option("--skip-missing", is_flag=True, help="Leave out images listed in the metadata but not found.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Decoding processes [default: the core count]."
+)
+@_fail_cleanly
+def prepare(
+    dataset: str,
+    source: str,
+    data_dir: str | None,
+    size: int | None,
+    force: bool,
+    skip_missing: bool,
+    workers: int | None,
+) -> None:
+    """Read a dataset's raw download once, validate it and cache it for training."""
+    import time
+
+    from fairbench import registry
+    from fairbench.config import RunConfig
+    from fairbench.prepare import prepare as run_prepare
+
+    cls = registry.datasets.get(dataset)
+    if not cls.needs_prepare:
+        raise FairbenchError(f"dataset '{dataset}' is built in and needs no preparation")
+    folder = RunConfig(data_dir=data_dir).resolved_data_dir()
+    started = time.perf_counter()
+    done = run_prepare(cls(), source, folder, size=size, force=force, skip_missing=skip_missing, workers=workers)
+    if done.reused:
+        click.echo(f"{dataset} is already prepared in {done.folder} from this source (--force rebuilds it)")
+    _print_report(dataset, done.report)
+    if done.report.get("skipped_missing"):
+        click.echo(f"warning: {done.report['skipped_missing']} listed image(s) were missing and left out", err=True)
+    if not done.reused:
+        n = done.report["total"]
+        seconds = time.perf_counter() - started
+        click.echo(
+            f"prepared {n} images in {seconds:.1f} s ({1000 * seconds / max(n, 1):.1f} ms per image) into {done.folder}"
+        )
+
+
+def _print_report(dataset: str, report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{dataset}: images per split x label x group")
+    table.add_column("attribute")
+    table.add_column("group")
+    splits = list(report["splits"])
+    for split in splits:
+        table.add_column(f"{split} neg", justify="right")
+        table.add_column(f"{split} pos", justify="right")
+    first = report["splits"][splits[0]]
+    attributes = [k for k in first if k not in ("n", "label")]
+    table.add_row("(all)", "", *[report["splits"][s]["label"].get(y, 0).__str__() for s in splits for y in "01"])
+    for attr in attributes:
+        groups = list(dict.fromkeys(g for s in splits for g in report["splits"][s][attr]))
+        for group in groups:
+            cells = [str(report["splits"][s][attr].get(group, {}).get(y, 0)) for s in splits for y in "01"]
+            table.add_row(attr, group, *cells)
+    _console().print(table)
+
+
+@main.command()
 @click.option("--method", "-m", default="erm", show_default=True, help="Method name (see 'fairbench list').")
 @click.option("--dataset", "-d", default="synthetic", show_default=True, help="Dataset name.")
 @click.option(

@@ -24,21 +24,31 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    """One split: ``images`` (N, C, H, W), ``labels`` (N,) in {0, 1}, ``attrs`` (N, A), -1 unknown."""
+    """One split: ``labels`` (N,) in {0, 1}, ``attrs`` (N, A) with -1 unknown, and its images.
+
+    ``images`` is (M, C, H, W); ``rows`` (N,) says which of its rows belong to this split, so
+    three splits can share one memory-mapped cache without copying it. Without ``rows`` the
+    split owns all of ``images``.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     attrs: np.ndarray
+    rows: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        n = len(self.images)
         if self.images.ndim != 4:
             raise ValueError(f"images must be N x C x H x W, got shape {self.images.shape}")
+        n = len(self.images) if self.rows is None else len(self.rows)
         if len(self.labels) != n or len(self.attrs) != n:
             raise ValueError(f"split sizes disagree: {n} images, {len(self.labels)} labels, {len(self.attrs)} attrs")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The images at ``positions`` of this split, gathered in one indexing call."""
+        return self.images[positions if self.rows is None else self.rows[positions]]
 
 
 @dataclass
@@ -46,7 +56,8 @@ class Splits:
     """The three splits of a dataset plus what is needed to read them.
 
     ``mean`` and ``std`` are per channel, in the units of ``images`` after scaling by ``scale``
-    (uint8 images use ``scale = 1/255``).
+    (uint8 images use ``scale = 1/255``). When ``size`` is set and differs from the stored
+    size, batches are resized to ``size x size`` on the device.
     """
 
     train: Split
@@ -57,6 +68,7 @@ class Splits:
     std: tuple[float, ...]
     scale: float = 1.0 / 255.0
     augment: tuple[str, ...] = ()
+    size: int | None = None
 
     def __getitem__(self, name: str) -> Split:
         if name not in SPLITS:
@@ -78,11 +90,17 @@ class Dataset:
     attributes: ClassVar[dict[str, list[str]]] = {}
     in_chans: ClassVar[int] = 3
     default_image_size: ClassVar[int] = 224
+    cache_size: ClassVar[int] = 256
     needs_prepare: ClassVar[bool] = True
 
     def is_prepared(self, data_dir: Path) -> bool:
         """Whether ``load`` can run from ``data_dir`` without a ``fairbench prepare`` first."""
         return not self.needs_prepare
+
+    def prepare(self, source: Path, folder: Path, *, size: int, skip_missing: bool, workers: int | None):
+        """Validate the raw download in ``source``, write the images into ``folder`` and return
+        the metadata table (a pandas DataFrame with ``split``, ``label`` and attribute codes)."""
+        raise NotImplementedError(f"dataset '{self.name}' needs no preparation")
 
     def load(self, data_dir: Path, image_size: int) -> Splits:
         raise NotImplementedError
@@ -100,7 +118,7 @@ class _Gather(torch.utils.data.Dataset):
     def __getitem__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(positions, dtype=np.int64)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(self.split.images[idx])),
+            "image": torch.from_numpy(np.ascontiguousarray(self.split.take(idx))),
             "label": torch.from_numpy(self.split.labels[idx].astype(np.int64)),
             "attrs": torch.from_numpy(self.split.attrs[idx].astype(np.int64)),
             "index": torch.from_numpy(idx),
@@ -165,11 +183,16 @@ class DeviceTransform:
         self.std = torch.tensor(splits.std, dtype=torch.float32, device=device).view(shape)
         self.scale = splits.scale
         self.augment = splits.augment
+        self.size = splits.size
         self.channels_last = channels_last
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         x = images.float() * self.scale
         x = (x - self.mean) / self.std
+        if self.size is not None and x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         if train:
             for aug, dim in (("hflip", 3), ("vflip", 2)):
                 if aug in self.augment:
