@@ -61,7 +61,9 @@ def read_rnflt(path: Path, size: int) -> tuple[np.ndarray, dict[str, Any]]:
             rnflt = np.asarray(f["rnflt"], dtype=np.float32)
             info = {k: _scalar(f[k]) for k in KEYS if k != "rnflt"}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise FairbenchError(f"{path}: not a readable npz file ({exc}); replace it with the file from the download")
+        raise FairbenchError(
+            f"{path}: not a readable npz file ({exc}); replace it with the file from the download"
+        ) from None
     if rnflt.ndim != 2:
         raise FairbenchError(f"{path}: rnflt has shape {rnflt.shape}, expected a 2-D map (200 x 200)")
     rnflt = np.where(rnflt < 0, 0.0, rnflt)

@@ -39,7 +39,9 @@ def read_jpeg(path: Path, size: int) -> tuple[np.ndarray, dict[str, Any]]:
             img = img.crop((left, top, left + size, top + size))
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FairbenchError(f"{path}: not a readable image ({exc}); replace it with the file from the download")
+        raise FairbenchError(
+            f"{path}: not a readable image ({exc}); replace it with the file from the download"
+        ) from None
     return array.transpose(2, 0, 1), {}
 
 
