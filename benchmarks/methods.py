@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per method")
     parser.add_argument("--results-dir", default="results/benchmark-methods")
     parser.add_argument("--skip-outcomes", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--append", default=None, help="append the tables to this markdown file")
     args = parser.parse_args()
 
@@ -139,16 +140,20 @@ def main() -> None:
             *outcomes(args.seeds, args.results_dir),
             "",
         ]
-    times = step_times(args.steps, args.rounds)
-    lines += [
-        f"Training-step time (forward, loss, backward, AdamW step; resnet18, batch 64), median of {args.rounds} "
-        f"interleaved passes of {args.steps} steps:",
-        "",
-        "| method | ms / step | ratio to erm |",
-        "| --- | --- | --- |",
-        *[f"| {m} | {t * 1000:.1f} | {t / times['erm']:.3f} |" for m, t in times.items()],
-        "",
-    ]
+    times = {} if args.skip_steps else step_times(args.steps, args.rounds)
+    lines += (
+        []
+        if args.skip_steps
+        else [
+            f"Training-step time (forward, loss, backward, AdamW step; resnet18, batch 64), median of {args.rounds} "
+            f"interleaved passes of {args.steps} steps:",
+            "",
+            "| method | ms / step | ratio to erm |",
+            "| --- | --- | --- |",
+            *[f"| {m} | {t * 1000:.1f} | {t / times['erm']:.3f} |" for m, t in times.items()],
+            "",
+        ]
+    )
     text = "\n".join(lines)
     print(text)
     if args.append:

@@ -50,14 +50,14 @@ class Synthetic(Dataset):
     name: ClassVar[str] = "synthetic"
     attributes: ClassVar[dict[str, list[str]]] = ATTRIBUTES
     in_chans: ClassVar[int] = 3
-    default_image_size: ClassVar[int] = 64
+    default_image_size: ClassVar[int] = 48
     needs_prepare: ClassVar[bool] = False
 
     def __init__(
         self,
         *,
-        n_train: int = 2000,
-        n_val: int = 600,
+        n_train: int = 1500,
+        n_val: int = 500,
         n_test: int = 1000,
         prevalence: float = 0.35,
         shortcut: float = 0.9,

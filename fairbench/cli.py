@@ -300,6 +300,99 @@ def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any
         click.echo(f"warning: test: {w}", err=True)
 
 
+@main.command()
+@click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
+@click.option("--attribute", "attributes", multiple=True, help="Only these attributes (repeatable).")
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Only these metrics (repeatable): auc, worst_auc, tpr_gap, fpr_gap, eo_gap, es_auc.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "csv", "json", "latex"]),
+    default="table",
+    show_default=True,
+    help="What to print.",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=100),
+    default=1000,
+    show_default=True,
+    help="Paired-bootstrap resamples for the comparison with ERM.",
+)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
+)
+@_fail_cleanly
+def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, results_dir, tracking_uri) -> None:
+    """Compare the finished runs: mean ± std over seeds, significance vs ERM, ranks, plots.
+
+    Always writes <results-dir>/leaderboard.md and leaderboard.csv, and the plots under
+    <results-dir>/plots/.
+    """
+    from pathlib import Path
+
+    from fairbench import leaderboard as lb
+    from fairbench.tracking import resolve_tracking_uri
+
+    runs = lb.load_runs(resolve_tracking_uri(results_dir, tracking_uri))
+    board = lb.build(runs, n_bootstrap=bootstrap)
+    table, shown = lb.filtered(board, datasets, attributes, metrics)
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = lb.to_markdown(table, board.ranks, shown)
+    (out / "leaderboard.md").write_text(markdown)
+    table.to_csv(out / "leaderboard.csv", index=False)
+    written = lb.plot(table, runs, out / "plots") if plots else []
+    if fmt == "markdown":
+        click.echo(markdown)
+    elif fmt == "csv":
+        click.echo(table.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        import json
+
+        payload = {"rows": table.to_dict(orient="records"), "ranks": board.ranks.to_dict(orient="records")}
+        click.echo(json.dumps(payload, indent=2, default=float))
+    elif fmt == "latex":
+        click.echo(lb.to_latex(table, shown))
+    else:
+        _print_leaderboard(lb, table, board.ranks, shown)
+    note = f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}"
+    click.echo(note + (f" and {len(written)} plots in {out / 'plots'}" if written else ""), err=True)
+    if board.skipped:
+        click.echo(f"skipped {board.skipped} run(s) without test metrics (failed, interrupted or older)", err=True)
+    for line in board.notes:
+        click.echo(f"note: {line}", err=True)
+
+
+def _print_leaderboard(lb, table, ranks, shown) -> None:
+    from rich.table import Table
+
+    console = _console()
+    shown_frame = lb.display_frame(table, shown)
+    for dataset, part in shown_frame.groupby("dataset", sort=True):
+        rich_table = Table(title=dataset, caption=lb.FOOTNOTE, caption_justify="left")
+        for col in part.columns.drop("dataset"):
+            rich_table.add_column(str(col), overflow="fold")
+        for row in part.drop(columns="dataset").itertuples(index=False):
+            rich_table.add_row(*[str(v) for v in row])
+        console.print(rich_table)
+    rank_table = Table(title="average rank (1 = best)")
+    for col in ["method", *shown]:
+        rank_table.add_column(col)
+    for row in ranks[["method", *shown]].itertuples(index=False):
+        rank_table.add_row(row[0], *[f"{v:.2f}" for v in row[1:]])
+    console.print(rank_table)
+
+
 SUMMARY_METRICS = (
     ("worst_auc", "worst-group AUC"),
     ("tpr_gap", "TPR gap"),

@@ -291,8 +291,7 @@ def _bootstrap_ci(s, y, a, attributes, threshold, defined, values, n_bootstrap, 
     done = 0
     while done < n_bootstrap:
         r = min(rows_per_block, n_bootstrap - done)
-        idx = rng.integers(0, n, size=(r, n)) + (np.arange(r) * n)[:, None]
-        W = np.bincount(idx.ravel(), minlength=r * n).reshape(r, n).astype(np.float64)
+        W = _resample_weights(rng, r, n)
         for k, v in _all_metrics(s, y, a, attributes, threshold, W, defined).items():
             draws[k].append(v)
         done += r
@@ -307,6 +306,46 @@ def _bootstrap_ci(s, y, a, attributes, threshold, defined, values, n_bootstrap, 
             lo, hi = np.quantile(v, [alpha, 1.0 - alpha])
             ci[k] = (float(lo), float(hi))
     return ci
+
+
+def paired_bootstrap(
+    predictions: Sequence[tuple[np.ndarray, float]],
+    labels: np.ndarray,
+    attrs: np.ndarray,
+    attributes: Mapping[str, Sequence[str]],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
+    """Bootstrap draws of every metric for several score vectors on the same samples.
+
+    Each entry of ``predictions`` is (scores, threshold) for the same labels and attribute
+    codes; all of them are evaluated on the same resamples, so differences between them are
+    paired. Returns, per entry, metric key -> (n_bootstrap,) array of draws.
+    """
+    attributes = dict(attributes)
+    _, y, a = _as_arrays(predictions[0][0], labels, attrs, attributes)
+    defined, _ = _undefined(y, a, attributes)
+    scores = [np.asarray(s, dtype=np.float64).ravel() for s, _ in predictions]
+    n = y.size
+    rng = np.random.default_rng(seed)
+    rows_per_block = max(1, min(n_bootstrap, 4_000_000 // n))
+    draws: list[dict[str, list[np.ndarray]]] = [{} for _ in predictions]
+    done = 0
+    while done < n_bootstrap:
+        r = min(rows_per_block, n_bootstrap - done)
+        W = _resample_weights(rng, r, n)
+        for out, s, (_, threshold) in zip(draws, scores, predictions, strict=True):
+            for k, v in _all_metrics(s, y, a, attributes, threshold, W, defined).items():
+                out.setdefault(k, []).append(v)
+        done += r
+    return [{k: np.concatenate(v) for k, v in out.items()} for out in draws]
+
+
+def _resample_weights(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """``rows`` bootstrap resamples of n samples as draw counts, shape (rows, n)."""
+    idx = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
+    return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
 def roc_auc(scores, labels) -> float:

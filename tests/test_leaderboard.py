@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fairbench import leaderboard as lb
+from fairbench import tracking
+from fairbench.cli import main
+from fairbench.experiment import predictions_frame
+from fairbench.metrics import evaluate
+from fairbench.trainer import Predictions
+
+ATTRS = {"sex": ["female", "male"], "age": ["<60", "≥60"]}
+N = 400
+rng = np.random.default_rng(0)
+LABELS = rng.integers(0, 2, N)
+CODES = rng.integers(0, 2, (N, 2))
+
+
+def scores(separation, seed):
+    noise = np.random.default_rng(seed).normal(0, 1, N)
+    return 1 / (1 + np.exp(-(separation * (LABELS - 0.5) + noise)))
+
+
+def log_run(uri, results, method, seed, s, uses=False, kind="run", status="FINISHED"):
+    experiment = tracking.experiment_id("synthetic", uri, results)
+    tags = tracking.base_tags(
+        kind, method=method, dataset="synthetic", seed=seed, backbone="resnet18", uses_attributes=uses
+    )
+    report = evaluate(s, LABELS, CODES, ATTRS, threshold=0.5)
+    with tracking.tracked_run(experiment, f"{method}-{seed}", tags) as run:
+        if status == "FINISHED":
+            tracking.log_metrics(report.flat(), prefix="test/")
+            tracking.log_table(predictions_frame(Predictions(s, LABELS, CODES), list(ATTRS)), "predictions_test.csv")
+    return run.info.run_id, report
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    results = tmp_path_factory.mktemp("store") / "results"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    reports = {}
+    for seed in range(3):
+        reports[("erm", seed)] = log_run(uri, results, "erm", seed, scores(1.0, seed))[1]
+        reports[("better", seed)] = log_run(uri, results, "better", seed, scores(3.0, 100 + seed), uses=True)[1]
+        jitter = scores(1.0, seed) + np.random.default_rng(7 + seed).normal(0, 1e-4, N)
+        reports[("same", seed)] = log_run(uri, results, "same", seed, np.clip(jitter, 0, 1))[1]
+    log_run(uri, results, "erm", 9, scores(1.0, 9), kind="trial")  # tuning trials never count
+    with pytest.raises(RuntimeError), tracking.tracked_run(
+        tracking.experiment_id("synthetic", uri, results),
+        "crash",
+        tracking.base_tags("run", method="erm", dataset="synthetic", seed=5),
+    ):
+        raise RuntimeError("crashed run")
+    return results, uri, reports
+
+
+def test_aggregates_match_the_logged_metrics(store):
+    results, uri, reports = store
+    runs = lb.load_runs(uri)
+    assert runs.skipped == 1  # the crashed run
+    assert sorted(runs.frame["method"].value_counts().items()) == [("better", 3), ("erm", 3), ("same", 3)]
+    board = lb.build(runs, n_bootstrap=300)
+    row = board.table.set_index(["method", "attribute"]).loc[("better", "sex")]
+    values = [reports[("better", s)].values["sex/tpr_gap"] for s in range(3)]
+    assert row["tpr_gap_mean"] == pytest.approx(np.mean(values))
+    assert row["tpr_gap_std"] == pytest.approx(np.std(values, ddof=1))
+    assert row["seeds"] == 3 and row["uses_attributes"]
+    erm_auc = np.mean([reports[("erm", s)].values["auc"] for s in range(3)])
+    assert row["auc_rel"] == pytest.approx((row["auc_mean"] - erm_auc) / erm_auc)
+
+
+def test_significance_flags_real_differences_only(store):
+    _, uri, _ = store
+    board = lb.build(lb.load_runs(uri), n_bootstrap=300)
+    table = board.table.set_index(["method", "attribute"])
+    assert table.loc[("better", "sex"), "auc_significant"]
+    assert table.loc[("better", "sex"), "auc_ci_low"] > 0
+    assert table.loc[("better", "sex"), "auc_paired_p"] < 0.05
+    assert not table.loc[("same", "sex"), "auc_significant"]
+    assert table.loc[("same", "sex"), "auc_ci_low"] < 0 < table.loc[("same", "sex"), "auc_ci_high"]
+    assert pd.isna(table.loc[("erm", "sex"), "auc_significant"])  # ERM is the reference, not compared
+
+
+def test_average_ranks(store):
+    _, uri, _ = store
+    ranks = lb.build(lb.load_runs(uri), n_bootstrap=100).ranks.set_index("method")
+    assert ranks.loc["better", "auc"] == 1.0
+    assert set(ranks.loc[["erm", "same"], "auc"]) <= {2.0, 3.0, 2.5}
+
+
+def test_cli_formats_files_and_plots(store):
+    results, _, _ = store
+    base = ["leaderboard", "--results-dir", str(results), "--bootstrap", "200"]
+    out = CliRunner().invoke(main, base)
+    assert out.exit_code == 0, out.output
+    assert "better" in out.output and "average rank" in out.output
+    markdown = (results / "leaderboard.md").read_text()
+    assert "## synthetic" in markdown and "| better |" in markdown and "*)" in markdown
+    assert len(pd.read_csv(results / "leaderboard.csv")) == 6  # 3 methods x 2 attributes
+    assert sorted(p.name for p in (results / "plots").iterdir()) == [
+        "synthetic_age_rates.png",
+        "synthetic_age_tradeoff.png",
+        "synthetic_sex_rates.png",
+        "synthetic_sex_tradeoff.png",
+    ]
+    md = CliRunner().invoke(main, [*base, "--format", "markdown", "--metric", "auc", "--metric", "eo_gap"])
+    assert "| AUC | EO gap |" in md.output and "TPR gap" not in md.output
+    csv = CliRunner().invoke(main, [*base, "--format", "csv", "--attribute", "sex"])
+    assert set(pd.read_csv(pd.io.common.StringIO(csv.stdout))["attribute"]) == {"sex"}
+    js = json.loads(CliRunner().invoke(main, [*base, "--format", "json"]).stdout)
+    assert {r["method"] for r in js["rows"]} == {"erm", "better", "same"}
+    latex = CliRunner().invoke(main, [*base, "--format", "latex"]).stdout
+    assert latex.startswith("\\begin{tabular}") and "$\\pm$" in latex
+
+
+def test_empty_store_says_how_to_make_runs(tmp_path):
+    out = CliRunner().invoke(main, ["leaderboard", "--results-dir", str(tmp_path)])
+    assert out.exit_code == 1
+    assert "fairbench run --method erm --dataset synthetic" in out.output
+    results = tmp_path / "r"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    tracking.experiment_id("synthetic", uri, results)
+    out = CliRunner().invoke(main, ["leaderboard", "--results-dir", str(results)])
+    assert "no finished runs" in out.output and out.exit_code == 1
+
+
+def test_unknown_metric_filter(store):
+    results, _, _ = store
+    out = CliRunner().invoke(main, ["leaderboard", "--results-dir", str(results), "--metric", "acc"])
+    assert out.exit_code == 1 and "not a headline metric" in out.output
