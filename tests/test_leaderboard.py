@@ -58,7 +58,7 @@ def store(tmp_path_factory):
 
 
 def test_aggregates_match_the_logged_metrics(store):
-    results, uri, reports = store
+    _, uri, reports = store
     runs = lb.load_runs(uri)
     assert runs.skipped == 1  # the crashed run
     assert sorted(runs.frame["method"].value_counts().items()) == [("better", 3), ("erm", 3), ("same", 3)]
