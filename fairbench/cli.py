@@ -174,123 +174,111 @@ def _print_report(dataset: str, report: dict) -> None:
     _console().print(table)
 
 
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that define a run; shared by ``run`` and ``tune``."""
+    for option in reversed(_RUN_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+_RUN_OPTIONS = [
+    click.option("--method", "-m", default="erm", show_default=True, help="Method name (see 'fairbench list')."),
+    click.option("--dataset", "-d", default="synthetic", show_default=True, help="Dataset name."),
+    click.option(
+        "--option",
+        "-o",
+        "method_pairs",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="A method option, e.g. -o lambda_nir=0.2 (repeatable).",
+    ),
+    click.option(
+        "--dataset-option",
+        "-D",
+        "dataset_pairs",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="A dataset option, e.g. -D label_noise=0.3 (repeatable).",
+    ),
+    click.option("--backbone", default="resnet18", show_default=True, help="Any timm model name."),
+    click.option(
+        "--pretrained/--no-pretrained",
+        default=False,
+        show_default=True,
+        help="Start from timm's pretrained weights (downloads them).",
+    ),
+    click.option(
+        "--pretrained-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Start from weights in a local checkpoint (offline).",
+    ),
+    click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+    click.option(
+        "--patience",
+        type=click.IntRange(min=0),
+        default=3,
+        show_default=True,
+        help="Stop after this many epochs without a better validation AUC (0: never).",
+    ),
+    click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True),
+    click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True),
+    click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option(
+        "--image-size", type=click.IntRange(min=8), default=None, help="Input size in pixels [default: the dataset's]."
+    ),
+    click.option(
+        "--threshold",
+        default="0.5",
+        show_default=True,
+        help="Decision threshold: a number, or 'youden' / 'f1' fitted on validation.",
+    ),
+    click.option(
+        "--attribute",
+        default=None,
+        help="Attribute given to attribute-aware methods in training [default: the dataset's first]. "
+        "Evaluation always covers every attribute.",
+    ),
+    click.option(
+        "--bootstrap",
+        type=click.IntRange(min=0),
+        default=1000,
+        show_default=True,
+        help="Bootstrap resamples for the test confidence intervals.",
+    ),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option(
+        "--num-workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="DataLoader workers [default: from the core count].",
+    ),
+    click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone."),
+    click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder of prepared datasets [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+    ),
+    click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True),
+    click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
+    ),
+]
+
+
 @main.command()
-@click.option("--method", "-m", default="erm", show_default=True, help="Method name (see 'fairbench list').")
-@click.option("--dataset", "-d", default="synthetic", show_default=True, help="Dataset name.")
-@click.option(
-    "--option",
-    "-o",
-    "method_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A method option, e.g. -o lambda_nir=0.2 (repeatable).",
-)
-@click.option(
-    "--dataset-option",
-    "-D",
-    "dataset_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A dataset option, e.g. -D label_noise=0.3 (repeatable).",
-)
-@click.option("--backbone", default="resnet18", show_default=True, help="Any timm model name.")
-@click.option(
-    "--pretrained/--no-pretrained",
-    default=False,
-    show_default=True,
-    help="Start from timm's pretrained weights (downloads them).",
-)
-@click.option(
-    "--pretrained-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Start from weights in a local checkpoint (offline).",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
-    "--patience",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="Stop after this many epochs without a better validation AUC (0: never).",
-)
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--image-size", type=click.IntRange(min=8), default=None, help="Input size in pixels [default: the dataset's]."
-)
-@click.option(
-    "--threshold",
-    default="0.5",
-    show_default=True,
-    help="Decision threshold: a number, or 'youden' / 'f1' fitted on validation.",
-)
-@click.option(
-    "--attribute",
-    default=None,
-    help="Attribute given to attribute-aware methods in training [default: the dataset's first]. "
-    "Evaluation always covers every attribute.",
-)
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=0),
-    default=1000,
-    show_default=True,
-    help="Bootstrap resamples for the test confidence intervals.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: from the core count]."
-)
-@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone.")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder of prepared datasets [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
-)
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
-)
+@run_options
 @_fail_cleanly
 def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any) -> None:
     """Train one method on one dataset, evaluate it and record it in MLflow."""
-    from fairbench import options, registry
-    from fairbench.config import RunConfig
     from fairbench.experiment import run_experiment
-    from fairbench.trainer import TrainConfig
 
-    method_cls = registry.methods.get(kw["method"])
-    dataset_cls = registry.datasets.get(kw["dataset"])
-    train = TrainConfig(
-        **{
-            k: kw.pop(k)
-            for k in (
-                "epochs",
-                "patience",
-                "batch_size",
-                "lr",
-                "weight_decay",
-                "optimizer",
-                "seed",
-                "device",
-                "num_workers",
-                "compile",
-            )
-        }
-    )
-    config = RunConfig(
-        method_options=options.parse(method_cls, method_pairs, f"method '{kw['method']}'"),
-        dataset_options=options.parse(dataset_cls, dataset_pairs, f"dataset '{kw['dataset']}'"),
-        train=train,
-        **kw,
-    )
+    config = _run_config(method_pairs, dataset_pairs, kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = run_experiment(config)
@@ -298,6 +286,154 @@ def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any
     _show_warnings([w for w in caught if w.category.__module__.startswith("fairbench")])
     for w in result.test.warnings:
         click.echo(f"warning: test: {w}", err=True)
+
+
+TRAIN_OPTIONS = (
+    "epochs",
+    "patience",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "seed",
+    "device",
+    "num_workers",
+    "compile",
+)
+
+
+def _run_config(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], kw: dict[str, Any]) -> Any:
+    """The RunConfig the run options describe; plugin options converted by the plugin's signature."""
+    from fairbench import options, registry
+    from fairbench.config import RunConfig
+    from fairbench.trainer import TrainConfig
+
+    method_cls = registry.methods.get(kw["method"])
+    dataset_cls = registry.datasets.get(kw["dataset"])
+    train = TrainConfig(**{k: kw.pop(k) for k in TRAIN_OPTIONS})
+    return RunConfig(
+        method_options=options.parse(method_cls, method_pairs, f"method '{kw['method']}'"),
+        dataset_options=options.parse(dataset_cls, dataset_pairs, f"dataset '{kw['dataset']}'"),
+        train=train,
+        **kw,
+    )
+
+
+@main.command()
+@run_options
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Budget: finished trials the study should hold (a rerun continues up to it).",
+)
+@click.option(
+    "--objective",
+    "objective",
+    default=None,
+    help="Validation metric to optimise [default: val/auc], e.g. val/sex/eo_gap.",
+)
+@click.option(
+    "--objectives",
+    "objectives",
+    default=None,
+    help="Several validation metrics, comma-separated, for a Pareto front, e.g. val/auc,val/sex/eo_gap.",
+)
+@click.option("--storage", default=None, help="Optuna storage URL [default: sqlite:///<results-dir>/optuna.db].")
+@click.option("--study-name", default=None, help="[default: <method>-<dataset>]")
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after this many s.")
+@click.option("--sampler-seed", type=int, default=0, show_default=True)
+@_fail_cleanly
+def tune(
+    method_pairs,
+    dataset_pairs,
+    trials,
+    objective,
+    objectives,
+    storage,
+    study_name,
+    pruner,
+    timeout,
+    sampler_seed,
+    **kw: Any,
+) -> None:
+    """Tune a method's hyperparameters on validation metrics with Optuna (resumable, shareable)."""
+    from pathlib import Path
+
+    from fairbench.tuning import TuneConfig, save_front
+    from fairbench.tuning import tune as run_tune
+
+    if objective and objectives:
+        raise FairbenchError("give --objective or --objectives, not both")
+    names = [o.strip() for o in (objectives or objective or "val/auc").split(",") if o.strip()]
+    cfg = TuneConfig(
+        base=_run_config(method_pairs, dataset_pairs, kw),
+        trials=trials,
+        objectives=names,
+        storage=storage,
+        study_name=study_name,
+        pruner=pruner,
+        timeout=timeout,
+        sampler_seed=sampler_seed,
+    )
+    result = run_tune(cfg, progress=False)
+    written = save_front(result, Path(cfg.base.results_dir) / "studies", names)
+    _print_best(result, names)
+    click.echo(
+        f"study '{result.study.study_name}' in {cfg.storage_url()}: {len(result.study.trials)} trials "
+        f"({result.new_trials} new); MLflow study run {result.parent_run_id}",
+        err=True,
+    )
+    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+def _print_best(result: Any, objectives: list[str]) -> None:
+    from rich.table import Table
+
+    title = "Pareto front" if len(objectives) > 1 else "best trial"
+    table = Table(title=f"{result.study.study_name}: {title} (validation)")
+    table.add_column("trial")
+    for name in objectives:
+        table.add_column(name)
+    table.add_column("parameters")
+    for entry in result.best:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["params"].items())
+        table.add_row(str(entry["trial"]), *[f"{entry['values'][n]:.4f}" for n in objectives], params)
+    _console().print(table)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow store (or $MLFLOW_TRACKING_URI).")
+@click.option("--storage", default=None, help="Optuna storage URL [default: sqlite:///<results-dir>/optuna.db].")
+@_fail_cleanly
+def suite(path: str, results_dir: str, tracking_uri: str | None, storage: str | None) -> None:
+    """Run a suite: tune every dataset x method with one budget, retrain on seeds, compare."""
+    from click import get_current_context
+
+    from fairbench import suite as suites
+
+    spec = suites.load(path)
+    counts = suites.run_suite(spec, results_dir, tracking_uri, storage, say=click.echo)
+    click.echo(
+        f"suite {spec.name}: {counts['trials']} new trials, {counts['runs']} new runs, "
+        f"{counts['skipped_runs']} finished runs kept"
+    )
+    get_current_context().invoke(
+        leaderboard,
+        suite=spec.name,
+        results_dir=results_dir,
+        tracking_uri=tracking_uri,
+        datasets=(),
+        attributes=(),
+        metrics=(),
+        fmt="table",
+        bootstrap=1000,
+        plots=True,
+    )
 
 
 @main.command()
@@ -325,6 +461,7 @@ def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any
     help="Paired-bootstrap resamples for the comparison with ERM.",
 )
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
+@click.option("--suite", default=None, help="Only the runs of this suite.")
 @click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option(
     "--tracking-uri",
@@ -332,7 +469,7 @@ def run(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], **kw: Any
     help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
 )
 @_fail_cleanly
-def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, results_dir, tracking_uri) -> None:
+def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, suite, results_dir, tracking_uri) -> None:
     """Compare the finished runs: mean ± std over seeds, significance vs ERM, ranks, plots.
 
     Always writes <results-dir>/leaderboard.md and leaderboard.csv, and the plots under
@@ -343,7 +480,7 @@ def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, results_di
     from fairbench import leaderboard as lb
     from fairbench.tracking import resolve_tracking_uri
 
-    runs = lb.load_runs(resolve_tracking_uri(results_dir, tracking_uri))
+    runs = lb.load_runs(resolve_tracking_uri(results_dir, tracking_uri), suite=suite)
     board = lb.build(runs, n_bootstrap=bootstrap)
     table, shown = lb.filtered(board, datasets, attributes, metrics)
     out = Path(results_dir)

@@ -26,7 +26,7 @@ class ExperimentResult:
     fit: FitResult
     attributes: dict[str, list[str]]
     val: Report
-    test: Report
+    test: Report | None
 
 
 def _check_threshold(rule: str) -> None:
@@ -70,8 +70,14 @@ def run_experiment(
     progress: bool = True,
     kind: str = "run",
     extra_tags: dict[str, str] | None = None,
+    score_test: bool = True,
+    finished_on: tuple[type[BaseException], ...] = (),
 ) -> ExperimentResult:
-    """Train and evaluate one configuration, recording everything in one MLflow run."""
+    """Train and evaluate one configuration, recording everything in one MLflow run.
+
+    Tuning trials pass ``score_test=False``: the test split is then neither predicted nor
+    logged, so no tuning decision can see it.
+    """
     config = resolve(config)
     method_cls = registry.methods.get(config.method)
     dataset = registry.datasets.get(config.dataset)(**config.dataset_options)
@@ -99,7 +105,7 @@ def run_experiment(
     )
     tags.update(extra_tags or {})
     run_name = f"{config.method}-{config.dataset}-s{config.train.seed}"
-    with tracking.tracked_run(experiment, run_name, tags) as run:
+    with tracking.tracked_run(experiment, run_name, tags, finished_on=finished_on) as run:
         tracking.log_params(config.params())
         tracking.log_json(asdict(config), "config.json")
 
@@ -117,25 +123,29 @@ def run_experiment(
             config.train,
             on_epoch=log_epoch,
             progress=progress,
+            score_test=score_test,
         )
         threshold = select_threshold(result.val.scores, result.val.labels, config.threshold)
         attrs = splits.attributes
         val = evaluate(result.val.scores, result.val.labels, result.val.attrs, attrs, threshold=threshold)
-        test = evaluate(
-            result.test.scores,
-            result.test.labels,
-            result.test.attrs,
-            attrs,
-            threshold=threshold,
-            n_bootstrap=config.bootstrap,
-            seed=config.train.seed,
-        )
         tracking.log_metrics(val.flat(), prefix="val/")
-        tracking.log_metrics(test.flat(), prefix="test/")
         tracking.log_metrics(
             {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": result.seconds}
         )
-        tracking.log_json({"val": asdict(val), "test": asdict(test)}, "metrics.json")
+        test = None
+        if result.test is not None:
+            test = evaluate(
+                result.test.scores,
+                result.test.labels,
+                result.test.attrs,
+                attrs,
+                threshold=threshold,
+                n_bootstrap=config.bootstrap,
+                seed=config.train.seed,
+            )
+            tracking.log_metrics(test.flat(), prefix="test/")
+        tracking.log_json({"val": asdict(val), "test": asdict(test) if test else None}, "metrics.json")
         for name, pred in (("val", result.val), ("test", result.test)):
-            tracking.log_table(predictions_frame(pred, list(attrs)), f"predictions_{name}.csv")
+            if pred is not None:
+                tracking.log_table(predictions_frame(pred, list(attrs)), f"predictions_{name}.csv")
     return ExperimentResult(run_id=run.info.run_id, tracking_uri=uri, fit=result, attributes=attrs, val=val, test=test)

@@ -62,8 +62,9 @@ class Leaderboard:
     notes: list[str] = field(default_factory=list)
 
 
-def load_runs(tracking_uri: str) -> Runs:
-    """Every finished ``run`` in the store; runs without test metrics are counted as skipped."""
+def load_runs(tracking_uri: str, suite: str | None = None) -> Runs:
+    """Every finished ``run`` in the store (of one suite, if named); runs without test metrics
+    are counted as skipped."""
     import mlflow
 
     from fairbench import tracking
@@ -73,7 +74,8 @@ def load_runs(tracking_uri: str) -> Runs:
     tracking.use_store(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     ids = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(ids, filter_string="tags.`fairbench.kind` = 'run'", max_results=50000) if ids else []
+    query = "tags.`fairbench.kind` = 'run'" + (f" and tags.`fairbench.suite` = '{suite}'" if suite else "")
+    found = client.search_runs(ids, filter_string=query, max_results=50000) if ids else []
     rows, skipped = [], 0
     for run in found:
         metrics = run.data.metrics

@@ -94,15 +94,24 @@ def base_tags(kind: str, **values: Any) -> dict[str, str]:
 
 
 @contextmanager
-def tracked_run(experiment: str, run_name: str, tags: Mapping[str, str], nested: bool = False) -> Iterator[Any]:
-    """An active MLflow run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C)."""
+def tracked_run(
+    experiment: str, run_name: str, tags: Mapping[str, str], finished_on: tuple[type[BaseException], ...] = ()
+) -> Iterator[Any]:
+    """An active MLflow run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C).
+
+    Exceptions of the types in ``finished_on`` (an early stop that is not a failure, such as a
+    pruned tuning trial) end the run FINISHED and propagate.
+    """
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=dict(tags), nested=nested)
+    run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=dict(tags))
     try:
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
+        raise
+    except finished_on:
+        mlflow.end_run("FINISHED")
         raise
     except BaseException:
         mlflow.end_run("FAILED")

@@ -58,7 +58,7 @@ class FitResult:
     epochs_run: int
     best_val_auc: float
     val: Predictions
-    test: Predictions
+    test: Predictions | None
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -161,12 +161,14 @@ def fit(
     config: TrainConfig,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    score_test: bool = True,
 ) -> FitResult:
     """Train ``method_cls(backbone, info, **options)`` and return its best epoch's predictions.
 
     ``attribute`` is the sensitive attribute given to methods that use attributes.
     ``on_epoch(epoch, values)`` receives each epoch's ``train/*`` and ``val/*`` numbers; an
-    exception it raises (e.g. a pruning signal) stops training and propagates.
+    exception it raises (e.g. a pruning signal) stops training and propagates. With
+    ``score_test=False`` (tuning) the test split is never scored.
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -264,13 +266,13 @@ def fit(
                 if config.patience and stale >= config.patience:
                     break
     method.load_state_dict(best_state)
-    test_scores = predict(method, loaders["test"], transform, device)
+    test = _predictions(splits.test, predict(method, loaders["test"], transform, device)) if score_test else None
     return FitResult(
         best_epoch=best_epoch,
         epochs_run=len(history),
         best_val_auc=float(best_auc),
         val=_predictions(splits.val, best_val),
-        test=_predictions(splits.test, test_scores),
+        test=test,
         seconds=time.perf_counter() - started,
         history=history,
     )

@@ -48,10 +48,13 @@ def store(tmp_path_factory):
         jitter = scores(1.0, seed) + np.random.default_rng(7 + seed).normal(0, 1e-4, N)
         reports[("same", seed)] = log_run(uri, results, "same", seed, np.clip(jitter, 0, 1))[1]
     log_run(uri, results, "erm", 9, scores(1.0, 9), kind="trial")  # tuning trials never count
-    with pytest.raises(RuntimeError), tracking.tracked_run(
-        tracking.experiment_id("synthetic", uri, results),
-        "crash",
-        tracking.base_tags("run", method="erm", dataset="synthetic", seed=5),
+    with (
+        pytest.raises(RuntimeError),
+        tracking.tracked_run(
+            tracking.experiment_id("synthetic", uri, results),
+            "crash",
+            tracking.base_tags("run", method="erm", dataset="synthetic", seed=5),
+        ),
     ):
         raise RuntimeError("crashed run")
     return results, uri, reports
