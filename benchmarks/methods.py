@@ -13,13 +13,13 @@ Usage: ``python benchmarks/methods.py [--seeds 3] [--steps 30] [--append benchma
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from datetime import date
 
 import numpy as np
 import torch
+from _common import emit, machine
 
 from fairbench import registry
 from fairbench.config import RunConfig
@@ -125,13 +125,7 @@ def main() -> None:
     parser.add_argument("--append", default=None, help="append the tables to this markdown file")
     args = parser.parse_args()
 
-    device = resolve_device("auto")
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    lines = [f"## Methods on synthetic ({date.today().isoformat()}, {machine}, torch {torch.__version__})", ""]
+    lines = [f"## Methods on synthetic ({date.today().isoformat()}, {machine()}, torch {torch.__version__})", ""]
     if not args.skip_outcomes:
         lines += [
             f"Default settings (resnet18, `fairbench run` defaults), seeds 0–{args.seeds - 1}; "
@@ -154,11 +148,7 @@ def main() -> None:
             "",
         ]
     )
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        with open(args.append, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+    emit(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from _common import emit, machine
 from fairbench.datasets.ham10000 import HAM10000
 from PIL import Image
 
@@ -72,10 +72,9 @@ def main() -> None:
         done = prepare(HAM10000(), raw, Path(tmp) / "data", workers=workers)
         seconds = time.perf_counter() - t0
         size_mb = (done.folder / "images.npy").stat().st_size / 2**20
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    text = "\n".join(
+    emit(
         [
-            f"## Preparing HAM10000 ({date.today().isoformat()}, {machine})",
+            f"## Preparing HAM10000 ({date.today().isoformat()}, {machine()})",
             "",
             f"{args.n} generated 600×450 JPEGs in the published layout -> 256×256 uint8 cache ({size_mb:.0f} MiB), "
             f"{workers} decoding processes:",
@@ -85,12 +84,9 @@ def main() -> None:
             f"| {args.n} | {seconds:.1f} s | {1000 * seconds / args.n:.2f} ms | "
             f"{1000 * seconds * workers / args.n:.2f} ms |",
             "",
-        ]
+        ],
+        args.append,
     )
-    print(text)
-    if args.append:
-        with open(args.append, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: the run was recorded as KILLED", err=True)
+            click.echo("interrupted: any active run was recorded as KILLED, any partial cache removed", err=True)
             sys.exit(130)
 
     return wrapper
@@ -92,7 +92,7 @@ def list_(data_dir: str | None) -> None:
             state = "yes" if cls().is_prepared(folder) else f"no (fairbench prepare {name})"
         table.add_row(name, attrs, state)
     console.print(table)
-    _show_warnings(caught)
+    _show_warnings([w for w in caught if issubclass(w.category, registry.PluginWarning)])
 
 
 @main.command()

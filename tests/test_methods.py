@@ -183,3 +183,61 @@ def test_methods_are_registered_with_search_spaces():
     assert registry.methods.get("nir").search_space(trial) == {"lambda_nir": 0.1}
     assert registry.methods.get("reweight").search_space(trial) == {"power": 1.0}
     assert registry.methods.get("adversarial").search_space(trial) == {"lambda_adv": 1.0, "warmup_epochs": 0}
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "logged"),
+    [
+        ("reweight", ["-o", "mode=sampler"], "train/bce"),
+        ("reweight", [], "train/weighted_bce"),
+        ("adversarial", ["-o", "warmup_epochs=1", "-o", "target=eqodds"], "train/adv"),
+        ("nir", ["-o", "side=both"], "train/nir"),
+    ],
+)
+def test_each_method_runs_from_the_cli_and_logs_its_loss_parts(tmp_path, method, options, logged):
+    import mlflow
+    from click.testing import CliRunner
+
+    from fairbench.cli import main
+
+    results = tmp_path / "results"
+    args = [
+        "run",
+        "--method",
+        method,
+        *options,
+        "--backbone",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--bootstrap",
+        "10",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--attribute",
+        "age",
+        "--results-dir",
+        str(results),
+        "-D",
+        "n_train=64",
+        "-D",
+        "n_val=48",
+        "-D",
+        "n_test=48",
+    ]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    run_id = out.output.split("MLflow run ")[1].split()[0]
+    client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.tags["fairbench.attribute"] == "age"
+    assert run.data.tags["fairbench.uses_attributes"] == str(method != "nir")
+    assert [m.step for m in client.get_metric_history(run_id, logged)] == [0, 1]
+    if method == "adversarial":
+        assert [m.value for m in client.get_metric_history(run_id, "train/lambda_adv")] == [0.0, 1.0]
