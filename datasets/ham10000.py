@@ -195,6 +195,6 @@ class HAM10000(Dataset):
             attributes={k: list(v) for k, v in self.attributes.items()},
             mean=(0.485, 0.456, 0.406),  # ImageNet statistics, matching timm's pretrained backbones
             std=(0.229, 0.224, 0.225),
-            augment=("hflip", "vflip"),
+            augment=("crop", "hflip", "vflip", "rotate"),  # lesions have no canonical orientation
             size=image_size,
         )

@@ -172,5 +172,6 @@ class OCTRNFL(Dataset):
             mean=(0.0,),
             std=(1.0,),
             scale=1.0 / RNFLT_SCALE,
+            augment=("crop", "rotate"),  # no flips: they would swap nasal and temporal sides
             size=image_size,
         )

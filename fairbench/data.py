@@ -8,6 +8,7 @@ and converted and normalised there, so no per-sample Python transform runs in tr
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -170,14 +171,39 @@ def default_num_workers() -> int:
     return 0 if cores <= 4 else min(8, cores // 2)
 
 
-class DeviceTransform:
-    """Converts a uint8/float16 batch on the device to normalised float, with batched augmentation.
+AUGMENTATIONS = ("crop", "hflip", "vflip", "rotate")
 
-    Augmentations (training only): ``hflip`` and ``vflip``, each applied to a random half of
-    the batch with one tensor operation.
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the training augmentations a dataset enables by name in ``Splits.augment``.
+
+    ``crop``: random resized crop covering ``crop_scale`` of the image area with aspect ratio in
+    ``crop_ratio`` (the usual Inception-style crop, narrowed for medical images);
+    ``rotate``: a uniform rotation within ± ``max_degrees``; ``hflip`` / ``vflip``: each with
+    probability 1/2.
     """
 
-    def __init__(self, splits: Splits, device: torch.device, channels_last: bool = False) -> None:
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    max_degrees: float = 15.0
+
+
+class DeviceTransform:
+    """Turns a stored batch (uint8 or float16, on the device) into the model's input.
+
+    Scaling and normalisation, then, in training, every enabled augmentation at once: each
+    sample's crop, rotation and flips are composed into one 2 x 3 affine matrix and the whole
+    batch is resampled by a single ``grid_sample`` call at the output size. Evaluation only
+    resizes (antialiased) when the stored size differs from ``Splits.size``.
+    """
+
+    def __init__(
+        self, splits: Splits, device: torch.device, channels_last: bool = False, config: AugmentConfig | None = None
+    ) -> None:
+        unknown = set(splits.augment) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {sorted(unknown)}; known: {', '.join(AUGMENTATIONS)}")
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(splits.mean, dtype=torch.float32, device=device).view(shape)
         self.std = torch.tensor(splits.std, dtype=torch.float32, device=device).view(shape)
@@ -185,22 +211,50 @@ class DeviceTransform:
         self.augment = splits.augment
         self.size = splits.size
         self.channels_last = channels_last
+        self.config = config or AugmentConfig()
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        x = images.float() * self.scale
-        x = (x - self.mean) / self.std
-        if self.size is not None and x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(
-                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+        x = (images.float() * self.scale - self.mean) / self.std
+        size = self.size or x.shape[-1]
+        if train and self.augment:
+            theta = self.affine(x.shape[0], x.device)
+            grid = torch.nn.functional.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+            x = torch.nn.functional.grid_sample(
+                x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
             )
-        if train:
-            for aug, dim in (("hflip", 3), ("vflip", 2)):
-                if aug in self.augment:
-                    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(dim), x)
+        elif x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def affine(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, 2, 3) matrices mapping output to input coordinates in [-1, 1]."""
+        cfg = self.config
+        ones = torch.ones(n, device=device)
+        w, h = ones, ones
+        cx, cy = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        if "crop" in self.augment:
+            area = torch.empty(n, device=device).uniform_(*cfg.crop_scale)
+            log_ratio = torch.empty(n, device=device).uniform_(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
+            ratio = torch.exp(log_ratio)
+            w = torch.sqrt(area * ratio).clamp(max=1.0)
+            h = torch.sqrt(area / ratio).clamp(max=1.0)
+            cx = (torch.rand(n, device=device) * 2 - 1) * (1 - w)
+            cy = (torch.rand(n, device=device) * 2 - 1) * (1 - h)
+        if "hflip" in self.augment:
+            w = w * torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+        if "vflip" in self.augment:
+            h = h * torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+        angle = torch.zeros(n, device=device)
+        if "rotate" in self.augment:
+            angle = torch.deg2rad(torch.empty(n, device=device).uniform_(-cfg.max_degrees, cfg.max_degrees))
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        return torch.stack(
+            [torch.stack([cos * w, -sin * h, cx], dim=1), torch.stack([sin * w, cos * h, cy], dim=1)], dim=1
+        )
 
 
 def iterate_device(loader: DataLoader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:

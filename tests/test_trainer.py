@@ -135,11 +135,42 @@ def test_flip_augmentation_flips_a_random_part_of_the_batch():
     splits = tiny_splits(n=4)
     splits.augment = ("hflip",)
     tf = DeviceTransform(splits, torch.device("cpu"))
-    images = torch.arange(64 * 3 * 4, dtype=torch.float32).reshape(64, 3, 2, 2).to(torch.uint8)
+    images = torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8)
     torch.manual_seed(0)
     out = tf(images, train=True)
     base = tf(images, train=False)
-    flipped = [bool(torch.equal(out[i], base[i].flip(-1))) and not torch.equal(out[i], base[i]) for i in range(64)]
-    kept = [bool(torch.equal(out[i], base[i])) for i in range(64)]
-    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    flipped = [torch.allclose(out[i], base[i].flip(-1), atol=1e-5) for i in range(64)]
+    kept = [torch.allclose(out[i], base[i], atol=1e-5) for i in range(64)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))
     assert 10 < sum(flipped) < 54
+
+
+def test_crop_and_rotation_stay_inside_the_image_and_give_the_target_size():
+    splits = tiny_splits(n=4)
+    splits.augment = ("crop", "hflip", "vflip", "rotate")
+    splits.size = 12
+    tf = DeviceTransform(splits, torch.device("cpu"))
+    torch.manual_seed(1)
+    theta = tf.affine(1000, torch.device("cpu"))
+    scale_x = theta[:, :, 0].norm(dim=1)  # rotation keeps the column norms: the crop's half-widths
+    scale_y = theta[:, :, 1].norm(dim=1)
+    assert (scale_x <= 1 + 1e-6).all() and (scale_y <= 1 + 1e-6).all()
+    area = scale_x * scale_y
+    assert area.min() >= 0.6 - 1e-6 and area.max() <= 1 + 1e-6
+    assert (theta[:, :, 2].abs() <= 1 - torch.minimum(scale_x, scale_y)[:, None] + 1e-6).all()
+    x = tf(torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8), train=True)
+    assert x.shape == (5, 3, 12, 12)
+    a = tf(torch.full((2, 3, 16, 16), 128, dtype=torch.uint8), train=False)
+    assert a.shape == (2, 3, 12, 12)
+
+
+def test_identity_augmentation_equals_evaluation_transform():
+    from fairbench.data import AugmentConfig
+
+    splits = tiny_splits(n=4)
+    splits.augment = ("crop", "rotate")
+    tf = DeviceTransform(
+        splits, torch.device("cpu"), config=AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), max_degrees=0.0)
+    )
+    images = torch.randint(0, 255, (3, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(tf(images, train=True), tf(images, train=False), atol=1e-5)

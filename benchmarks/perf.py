@@ -1,0 +1,327 @@
+"""Performance of fairbench's fast path, each figure measured side by side in this one run.
+
+1. data: images/s of the fairbench loader (memory-mapped cache, batches gathered by index,
+   augmented on the device) vs a conventional loader (per-sample JPEG decode with PIL and
+   torchvision transforms), same images, output size, batch size and worker count. Target >= 3x.
+2. trainer: one ERM epoch of ``fairbench.trainer.fit`` vs a bare PyTorch loop (forward,
+   loss, backward, step, then the validation pass) on the same tensors, model and batch size.
+   Target <= 1.05x.
+3. methods: training-step time of reweight, adversarial and nir as a ratio to erm.
+   Targets <= 1.03, <= 1.10, <= 1.03.
+4. metrics: the full evaluation (all metrics, 3 attributes, 1000 bootstrap resamples) of
+   100,000 predictions. Target < 2 s.
+5. CUDA only: a ResNet-18 epoch at 224 px from a HAM10000-sized cache vs the same model on
+   batches already on the GPU. Target >= 0.9 of that limit. Skipped, and said so, without CUDA.
+6. memory: peak proportional set size (PSS: shared pages split between the processes that map
+   them) of the training process and its 4 loader workers, training on a HAM10000-sized cache
+   (10,015 images at 256 px). Target < 3 GB.
+
+Usage: ``python benchmarks/perf.py [--quick] [--append benchmarks/RESULTS.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import emit, machine
+from PIL import Image
+
+from fairbench.data import DeviceTransform, Split, Splits, iterate_device, make_loader
+from fairbench.method import Method, TrainInfo
+from fairbench.metrics import evaluate
+from fairbench.model import create_backbone
+from fairbench.trainer import TrainConfig, fit, predict, resolve_device, seed_everything
+
+HAM_MEAN, HAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _jpegs(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        coarse = rng.uniform(60, 220, (9, 12, 3)).astype(np.uint8)
+        img = Image.fromarray(coarse).resize((600, 450), Image.BICUBIC)
+        path = folder / f"ISIC_{i:07d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def data_throughput(n: int, workers: int, size: int = 224, batch: int = 64) -> tuple[float, float]:
+    """Images/s of (fairbench, conventional) loaders producing augmented float batches."""
+    from torchvision import transforms
+
+    from fairbench.prepare import decode_images
+
+    device = resolve_device("auto")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _jpegs(Path(tmp), n)
+        decode_images(paths, Path(tmp), size=256, channels=3, workers=workers or 1, progress=False)
+        images = np.load(Path(tmp) / "images.npy", mmap_mode="r")
+        split = Split(images=images, labels=np.zeros(n, np.int64), attrs=np.zeros((n, 1), np.int64))
+        splits = Splits(
+            train=split,
+            val=split,
+            test=split,
+            attributes={"a": ["x"]},
+            mean=HAM_MEAN,
+            std=HAM_STD,
+            augment=("crop", "hflip", "vflip", "rotate"),
+            size=size,
+        )
+        transform = DeviceTransform(splits, device)
+        loader = make_loader(split, batch, train=True, seed=0, num_workers=workers, pin_memory=device.type == "cuda")
+
+        def ours() -> int:
+            count = 0
+            for b in iterate_device(loader, device):
+                count += transform(b["image"], train=True).shape[0]
+            return count
+
+        pipeline = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size, scale=(0.6, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomVerticalFlip(),
+                transforms.RandomRotation(15),
+                transforms.ToTensor(),
+                transforms.Normalize(HAM_MEAN, HAM_STD),
+            ]
+        )
+
+        class Conventional(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return n
+
+            def __getitem__(self, i: int):
+                with Image.open(paths[i]) as img:
+                    return pipeline(img.convert("RGB")), 0
+
+        theirs_loader = torch.utils.data.DataLoader(
+            Conventional(),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+
+        def theirs() -> int:
+            count = 0
+            for x, _ in theirs_loader:
+                count += x.to(device, non_blocking=True).shape[0]
+            return count
+
+        ours(), theirs()  # warm-up: start workers, fill the page cache
+        rates = {"ours": [], "theirs": []}
+        for _ in range(2):
+            for name, fn in (("ours", ours), ("theirs", theirs)):
+                t0 = time.perf_counter()
+                count = fn()
+                rates[name].append(count / (time.perf_counter() - t0))
+        return max(rates["ours"]), max(rates["theirs"])
+
+
+def trainer_overhead(backbone: str = "resnet18") -> tuple[float, float]:
+    """Seconds of one fairbench ERM epoch (train + validation pass) and of a bare loop."""
+    from fairbench.datasets.synthetic import Synthetic
+
+    splits = Synthetic().load(None, 48)
+    device = resolve_device("auto")
+    config = TrainConfig(epochs=1, patience=0, num_workers=0, device=str(device))
+    transform = DeviceTransform(splits, device)
+
+    def ours() -> float:
+        seed_everything(0)
+        result = fit(Method, {}, create_backbone(backbone, 3), splits, "sex", config, progress=False)
+        return result.history[0]["epoch_seconds"]
+
+    x_train = transform(torch.from_numpy(splits.train.images).to(device), train=False)
+    y_train = torch.from_numpy(splits.train.labels).float().to(device)
+
+    def bare() -> float:
+        seed_everything(0)
+        model = create_backbone(backbone, 3).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        loader = make_loader(splits.val, 128, train=False, seed=0)
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(y_train))
+        for i in range(0, len(perm) - 1, 64):
+            idx = perm[i : i + 64]
+            out = model(x_train[idx])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        predict(Method(model, None), loader, transform, device)
+        return time.perf_counter() - t0
+
+    ours(), bare()
+    a, b = [], []
+    for _ in range(2):
+        a.append(ours())
+        b.append(bare())
+    return min(a), min(b)
+
+
+def metrics_time(n: int = 100_000) -> float:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    attrs = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n), rng.integers(-1, 2, n)], axis=1)
+    attributes = {"race": ["a", "b", "c"], "sex": ["f", "m"], "age": ["<60", "≥60"]}
+    t0 = time.perf_counter()
+    evaluate(s, y, attrs, attributes, threshold=0.5, n_bootstrap=1000, seed=0)
+    return time.perf_counter() - t0
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def peak_memory(steps: int, workers: int = 4, n: int = 10015, size: int = 256) -> tuple[float, float]:
+    """Peak PSS (bytes) of this process and its loader workers, and the cache size on disk."""
+    device = resolve_device("auto")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "images.npy"
+        images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+        for i in range(0, n, 500):
+            images[i : i + 500] = np.random.default_rng(i).integers(0, 255, images[i : i + 500].shape, dtype=np.uint8)
+        images.flush()
+        del images
+        images = np.load(path, mmap_mode="r")
+        labels = np.random.default_rng(0).integers(0, 2, n)
+        split = Split(images=images, labels=labels, attrs=np.zeros((n, 1), np.int64))
+        splits = Splits(
+            train=split,
+            val=split,
+            test=split,
+            attributes={"a": ["x"]},
+            mean=HAM_MEAN,
+            std=HAM_STD,
+            augment=("crop", "hflip", "vflip", "rotate"),
+            size=224,
+        )
+        model = create_backbone("resnet18", 3).to(device)
+        method = Method(model, TrainInfo(torch.from_numpy(labels), None, (), None, 1, steps))
+        opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
+        transform = DeviceTransform(splits, device)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            me = os.getpid()
+            while not stop.is_set():
+                peak[0] = max(peak[0], _pss(me) + sum(_pss(c) for c in _children(me)))
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        loader = make_loader(split, 64, train=True, seed=0, num_workers=workers)
+        # a whole pass over the data through the workers (every page of the cache is touched) ...
+        for _ in loader:
+            pass
+        # ... and training steps on top of it
+        for step, raw in enumerate(iterate_device(loader, device)):
+            if step >= steps:
+                break
+            x = transform(raw["image"], train=True)
+            out = method(x)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, raw["label"].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        stop.set()
+        watcher.join()
+        return peak[0], path.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000, help="JPEGs for the data benchmark")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers [default: the core count]")
+    parser.add_argument("--memory-steps", type=int, default=10)
+    parser.add_argument("--append", default=None)
+    args = parser.parse_args()
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    lines = [
+        f"## Fast path ({date.today().isoformat()}, {machine()}, torch {torch.__version__})",
+        "",
+        "| # | measurement | fairbench | reference | ratio | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    ours, theirs = data_throughput(args.images, workers)
+    lines.append(
+        f"| 1 | data: images/s at 224 px, augmented, {workers} workers | {ours:.0f} | {theirs:.0f} "
+        f"(PIL + torchvision per sample) | {ours / theirs:.2f}× | ≥ 3× | {'yes' if ours / theirs >= 3 else 'no'} |"
+    )
+    print(lines[-1], flush=True)
+
+    ours_t, bare_t = trainer_overhead()
+    ratio = ours_t / bare_t
+    lines.append(
+        f"| 2 | trainer: one ERM epoch on synthetic (resnet18, 48 px, 1500 images) | {ours_t:.1f} s | "
+        f"{bare_t:.1f} s (bare loop) | {ratio:.3f}× | ≤ 1.05× | {'yes' if ratio <= 1.05 else 'no'} |"
+    )
+    print(lines[-1], flush=True)
+
+    from methods import step_times
+
+    times = step_times(steps=10, rounds=5)
+    for method, target in (("reweight", 1.03), ("adversarial", 1.10), ("nir", 1.03)):
+        r = times[method] / times["erm"]
+        lines.append(
+            f"| 3 | methods: {method} training step | {times[method] * 1000:.0f} ms | "
+            f"{times['erm'] * 1000:.0f} ms (erm) | {r:.3f}× | ≤ {target}× | {'yes' if r <= target else 'no'} |"
+        )
+    print(lines[-1], flush=True)
+
+    seconds = metrics_time()
+    lines.append(
+        f"| 4 | metrics: 100,000 predictions, 3 attributes, 1000 bootstrap resamples | {seconds:.2f} s | "
+        f"| | < 2 s | {'yes' if seconds < 2 else 'no'} |"
+    )
+    print(lines[-1], flush=True)
+
+    if torch.cuda.is_available():
+        lines.append("| 5 | GPU: see the GPU section | | | | ≥ 0.9 | |")
+    else:
+        lines.append(
+            "| 5 | GPU epoch vs compute-bound limit | not measured: no CUDA device on this machine | | | ≥ 0.9 | |"
+        )
+
+    peak, cache = peak_memory(args.memory_steps)
+    lines.append(
+        f"| 6 | memory: peak PSS, HAM-sized cache ({cache / 2**30:.2f} GiB on disk), 4 workers, a full pass "
+        f"+ {args.memory_steps} resnet18 steps at 224 px | {peak / 2**30:.2f} GiB | | | < 3 GB | "
+        f"{'yes' if peak < 3e9 else 'no'} |"
+    )
+    lines.append("")
+    emit(lines, args.append)
+
+
+if __name__ == "__main__":
+    main()
