@@ -6,7 +6,7 @@ configurations; none of them reaches inside the trainer.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -46,22 +46,23 @@ def predictions_frame(pred: Predictions, attributes: list[str]) -> pd.DataFrame:
 
 
 def resolve(config: RunConfig) -> RunConfig:
-    """Validate names and fill every default (plugin options, image size, attribute)."""
+    """A copy of ``config`` with names validated and every default filled in (plugin options,
+    image size, training attribute)."""
     method_cls = registry.methods.get(config.method)
     dataset_cls = registry.datasets.get(config.dataset)
     _check_threshold(config.threshold)
-    config.method_options = {**options.defaults(method_cls), **config.method_options}
-    config.dataset_options = {**options.defaults(dataset_cls), **config.dataset_options}
     attributes = list(dataset_cls.attributes)
-    if config.attribute is None:
-        config.attribute = attributes[0] if attributes else None
-    elif config.attribute not in attributes:
+    if config.attribute is not None and config.attribute not in attributes:
         raise UnknownNameError(
             f"dataset '{config.dataset}' has no attribute '{config.attribute}'; attributes: {', '.join(attributes)}"
         )
-    if config.image_size is None:
-        config.image_size = dataset_cls.default_image_size
-    return config
+    return replace(
+        config,
+        method_options={**options.defaults(method_cls), **config.method_options},
+        dataset_options={**options.defaults(dataset_cls), **config.dataset_options},
+        attribute=config.attribute or (attributes[0] if attributes else None),
+        image_size=config.image_size or dataset_cls.default_image_size,
+    )
 
 
 def run_experiment(

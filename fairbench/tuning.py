@@ -165,7 +165,7 @@ def tune(cfg: TuneConfig, progress: bool = False) -> TuneResult:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    base = resolve(copy.deepcopy(cfg.base))
+    base = resolve(cfg.base)
     method_cls = registry.methods.get(base.method)
     attributes = list(registry.datasets.get(base.dataset).attributes)
     check_objectives(cfg.objectives, attributes)
