@@ -257,6 +257,18 @@ _RUN_OPTIONS = [
     ),
     click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone."),
     click.option(
+        "--label-bias",
+        default=None,
+        metavar="ATTR=GROUP:FRACTION",
+        help="Flip that fraction of the group's positive training labels to negative, e.g. sex=female:0.3.",
+    ),
+    click.option(
+        "--track-nc/--no-track-nc",
+        default=False,
+        show_default=True,
+        help="Log neural-collapse metrics per subgroup each epoch (one extra pass over the training set).",
+    ),
+    click.option(
         "--data-dir",
         type=click.Path(file_okay=False),
         default=None,
@@ -528,6 +540,79 @@ def _print_leaderboard(lb, table, ranks, shown) -> None:
     for row in ranks[["method", *shown]].itertuples(index=False):
         rank_table.add_row(row[0], *[f"{v:.2f}" for v in row[1:]])
     console.print(rank_table)
+
+
+@main.group()
+def analyze() -> None:
+    """Analyses of a finished run: neural collapse per subgroup, neuron incidence."""
+
+
+def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--tracking-uri", default=None, help="MLflow store (or $MLFLOW_TRACKING_URI).")(fn)
+    return click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)(fn)
+
+
+@analyze.command("nc")
+@click.argument("run_id")
+@click.option("--metric", type=click.Choice(["nc1", "nc3", "nc4", "within_var"]), default="nc1", show_default=True)
+@_store_options
+@_fail_cleanly
+def analyze_nc(run_id: str, metric: str, results_dir: str, tracking_uri: str | None) -> None:
+    """Plot a run's neural-collapse series per subgroup (run trained with --track-nc)."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from fairbench import analyze as an
+    from fairbench.tracking import resolve_tracking_uri
+
+    series = an.nc_series(resolve_tracking_uri(results_dir, tracking_uri), run_id)
+    path = an.plot_nc(series, Path(results_dir) / "analysis" / f"{run_id}_nc_{metric}.png", metric)
+    table = Table(title=f"run {run_id}: {metric} by epoch")
+    chosen = {k: v for k, v in series.items() if k.endswith(f"/{metric}")}
+    epochs = sorted({s for v in chosen.values() for s, _ in v})
+    table.add_column("series")
+    for e in epochs:
+        table.add_column(f"epoch {e + 1}", justify="right")
+    for key, values in chosen.items():
+        by_epoch = dict(values)
+        table.add_row(key.removeprefix("nc/").removesuffix(f"/{metric}"), *[f"{by_epoch[e]:.3g}" for e in epochs])
+    _console().print(table)
+    click.echo(f"wrote {path}", err=True)
+
+
+@analyze.command("neurons")
+@click.argument("run_id")
+@_store_options
+@_fail_cleanly
+def analyze_neurons(run_id: str, results_dir: str, tracking_uri: str | None) -> None:
+    """Show a run's neuron-incidence diagnostics on the test split, as a table and a plot."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from fairbench import analyze as an
+    from fairbench.tracking import resolve_tracking_uri
+
+    data = an.neurons(resolve_tracking_uri(results_dir, tracking_uri), run_id)
+    path = an.plot_neurons(data, Path(results_dir) / "analysis" / f"{run_id}_neurons.png")
+    table = Table(title=f"run {run_id}: neuron incidence (test split)")
+    table.add_column("predictions")
+    for col in data["positive"]:
+        table.add_column(col, justify="right")
+    for side in ("positive", "negative"):
+        table.add_row(side, *[f"{v:.3f}" for v in data[side].values()])
+    console = _console()
+    console.print(table)
+    lead = data["dominant_neurons"][0]
+    console.print(f"dominant neurons: {', '.join(map(str, data['dominant_neurons']))}")
+    groups = "; ".join(
+        f"{attr}: " + ", ".join(f"{g} {v:.3f}" for g, v in values.items())
+        for attr, values in data["dominant_activation_by_group"].items()
+    )
+    labels = ", ".join(f"label {k} {v:.3f}" for k, v in data["dominant_activation_by_label"].items())
+    console.print(f"neuron {lead} mean activation by group: {groups}; by label: {labels}")
+    click.echo(f"wrote {path}", err=True)
 
 
 SUMMARY_METRICS = (

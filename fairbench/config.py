@@ -37,6 +37,8 @@ class RunConfig:
     attribute: str | None = None
     threshold: str = "0.5"
     bootstrap: int = 1000
+    label_bias: str | None = None
+    track_nc: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     results_dir: str = "results"
     tracking_uri: str | None = None

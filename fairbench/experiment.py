@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fairbench import options, registry, tracking
+from fairbench.analysis import inject_label_bias, neural_collapse_by_group, neuron_incidence, parse_label_bias
 from fairbench.config import RunConfig
 from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.metrics import THRESHOLD_RULES, Report, evaluate, select_threshold
@@ -51,6 +52,8 @@ def resolve(config: RunConfig) -> RunConfig:
     method_cls = registry.methods.get(config.method)
     dataset_cls = registry.datasets.get(config.dataset)
     _check_threshold(config.threshold)
+    if config.label_bias:
+        parse_label_bias(config.label_bias, dataset_cls.attributes)
     attributes = list(dataset_cls.attributes)
     if config.attribute is not None and config.attribute not in attributes:
         raise UnknownNameError(
@@ -90,6 +93,13 @@ def run_experiment(
         )
     seed_everything(config.train.seed)
     splits = dataset.load(data_dir, config.image_size)
+    flipped = None
+    if config.label_bias:
+        column, code, fraction = parse_label_bias(config.label_bias, splits.attributes)
+        labels, flipped = inject_label_bias(
+            splits.train.labels, splits.train.attrs, column, code, fraction, config.train.seed
+        )
+        splits = replace(splits, train=replace(splits.train, labels=labels))
     backbone = create_backbone(
         config.backbone, splits.in_chans, pretrained=config.pretrained, pretrained_file=config.pretrained_file
     )
@@ -110,10 +120,18 @@ def run_experiment(
         tracking.log_params(config.params())
         tracking.log_json(asdict(config), "config.json")
 
+        if flipped is not None:
+            tracking.log_metrics({"label_bias/flipped": len(flipped)})
+
         def log_epoch(epoch: int, values: dict[str, float]) -> None:
             tracking.log_metrics(values, step=epoch)
             if on_epoch is not None:
                 on_epoch(epoch, values)
+
+        def log_collapse(split: str, epoch: int, features, scores, head) -> None:
+            part = splits[split]
+            values = neural_collapse_by_group(features, part.labels, scores > 0.5, head, part.attrs, splits.attributes)
+            tracking.log_metrics(values, prefix=f"nc/{split}/", step=epoch)
 
         result = fit(
             method_cls,
@@ -125,6 +143,7 @@ def run_experiment(
             on_epoch=log_epoch,
             progress=progress,
             score_test=score_test,
+            on_features=log_collapse if config.track_nc else None,
         )
         threshold = select_threshold(result.val.scores, result.val.labels, config.threshold)
         attrs = splits.attributes
@@ -145,6 +164,14 @@ def run_experiment(
                 seed=config.train.seed,
             )
             tracking.log_metrics(test.flat(), prefix="test/")
+            neurons = neuron_incidence(
+                result.test_features, result.test.scores, result.test.labels, result.test.attrs, attrs
+            )
+            tracking.log_json(neurons, "neurons.json")
+            tracking.log_metrics(
+                {f"{side}/{k}": v for side in ("positive", "negative") for k, v in neurons[side].items()},
+                prefix="test/neurons/",
+            )
         tracking.log_json({"val": asdict(val), "test": asdict(test) if test else None}, "metrics.json")
         for name, pred in (("val", result.val), ("test", result.test)):
             if pred is not None:

@@ -25,6 +25,8 @@ from fairbench.metrics import roc_auc
 from fairbench.model import Backbone
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+FeatureCallback = Callable[[str, int, np.ndarray, np.ndarray, np.ndarray], None]
+"""(split, epoch, penultimate features, scores, head weight) for ``train`` and ``val`` each epoch."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class FitResult:
     val: Predictions
     test: Predictions | None
     seconds: float
+    test_features: np.ndarray | None = None
+    head: np.ndarray | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -133,15 +137,24 @@ class _Reporter:
 
 
 @torch.no_grad()
-def predict(method: Method, loader, transform: DeviceTransform, device: torch.device) -> np.ndarray:
-    """Positive-class probabilities of every sample, in loader order (sequential)."""
+def predict(
+    method: Method, loader, transform: DeviceTransform, device: torch.device, features: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positive-class probabilities of every sample in loader order, and (when asked) their
+    penultimate features, from the same forward pass."""
     method.eval()
-    scores = []
+    scores, feats = [], []
     for batch in iterate_device(loader, device):
         with _autocast(device):
             out = method(transform(batch["image"], train=False))
         scores.append(torch.sigmoid(out.logits.double()))
-    return torch.cat(scores).cpu().numpy()
+        if features:
+            feats.append(out.features.float())
+    return torch.cat(scores).cpu().numpy(), torch.cat(feats).cpu().numpy() if features else None
+
+
+def _head_weight(method: Method) -> np.ndarray:
+    return method.backbone.net.get_classifier().weight.detach().float().cpu().numpy()
 
 
 def _autocast(device: torch.device):
@@ -162,13 +175,17 @@ def fit(
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
     score_test: bool = True,
+    on_features: FeatureCallback | None = None,
 ) -> FitResult:
     """Train ``method_cls(backbone, info, **options)`` and return its best epoch's predictions.
 
     ``attribute`` is the sensitive attribute given to methods that use attributes.
     ``on_epoch(epoch, values)`` receives each epoch's ``train/*`` and ``val/*`` numbers; an
     exception it raises (e.g. a pruning signal) stops training and propagates. With
-    ``score_test=False`` (tuning) the test split is never scored.
+    ``score_test=False`` (tuning) the test split is never scored. ``on_features`` receives the
+    penultimate features of the training set (one extra evaluation pass) and of the validation
+    set (from the validation pass) after every epoch; the test features of the best epoch are
+    always returned.
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -219,6 +236,8 @@ def fit(
         "val": make_loader(splits.val, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin),
         "test": make_loader(splits.test, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin),
     }
+    if on_features is not None:
+        loaders["train_eval"] = make_loader(train, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin)
     best_auc, best_epoch, best_state, best_val = -np.inf, -1, None, None
     history: list[dict[str, float]] = []
     stale = 0
@@ -248,7 +267,12 @@ def fit(
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n
                 seen += n
                 reporter.step()
-            val_scores = predict(method, loaders["val"], transform, device)
+            val_scores, val_features = predict(method, loaders["val"], transform, device, on_features is not None)
+            if on_features is not None:
+                head = _head_weight(method)
+                train_scores, train_features = predict(method, loaders["train_eval"], transform, device, True)
+                on_features("train", epoch, train_features, train_scores, head)
+                on_features("val", epoch, val_features, val_scores, head)
             val_auc = roc_auc(val_scores, splits.val.labels)
             values = {f"train/{k}": float(v) / seen for k, v in sums.items()}
             values["val/epoch_auc"] = val_auc
@@ -266,7 +290,10 @@ def fit(
                 if config.patience and stale >= config.patience:
                     break
     method.load_state_dict(best_state)
-    test = _predictions(splits.test, predict(method, loaders["test"], transform, device)) if score_test else None
+    test, test_features = None, None
+    if score_test:
+        test_scores, test_features = predict(method, loaders["test"], transform, device, features=True)
+        test = _predictions(splits.test, test_scores)
     return FitResult(
         best_epoch=best_epoch,
         epochs_run=len(history),
@@ -275,4 +302,6 @@ def fit(
         test=test,
         seconds=time.perf_counter() - started,
         history=history,
+        test_features=test_features,
+        head=_head_weight(method),
     )
