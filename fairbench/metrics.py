@@ -43,46 +43,10 @@ def group_key(name: str) -> str:
 # --------------------------------------------------------------------------- weighted kernels
 
 
-def _blocks(scores_sorted: np.ndarray) -> np.ndarray:
-    """Start positions of runs of equal scores in a sorted score vector."""
-    return np.flatnonzero(np.r_[True, scores_sorted[1:] != scores_sorted[:-1]])
-
-
-def _class_weights_by_score(s, y, W, descending):
-    """Per distinct score, the weight of positives and of negatives: two (R, U) arrays."""
-    order = np.argsort(-s if descending else s, kind="stable")
-    starts = _blocks(s[order])
-    Ws = W[:, order]
-    ys = y[order].astype(bool)
-    pos = np.add.reduceat(np.where(ys, Ws, 0.0), starts, axis=1)
-    neg = np.add.reduceat(np.where(ys, 0.0, Ws), starts, axis=1)
-    return pos, neg
-
-
-def _auc_w(s, y, W):
-    """ROC AUC per row of W (Mann-Whitney; tied scores count one half)."""
-    if s.size == 0:
-        return np.full(W.shape[0], np.nan)
-    pos, neg = _class_weights_by_score(s, y, W, descending=False)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    num = np.sum(pos * (neg_below + 0.5 * neg), axis=1)
-    den = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / den, np.nan)
-
-
-def _ap_w(s, y, W):
-    """Average precision per row of W: sum over distinct thresholds of precision x recall step."""
-    if s.size == 0:
-        return np.full(W.shape[0], np.nan)
-    pos, neg = _class_weights_by_score(s, y, W, descending=True)
-    tps = np.cumsum(pos, axis=1)
-    fps = np.cumsum(neg, axis=1)
-    total_pos = tps[:, -1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tps + fps > 0, tps / (tps + fps), 0.0)
-        ap = np.sum(pos * precision, axis=1) / total_pos[:, 0]
-    return np.where(total_pos[:, 0] > 0, ap, np.nan)
+def _log_loss_terms(p, y):
+    eps = np.finfo(np.float64).eps
+    q = np.clip(p, eps, 1 - eps)
+    return -(y * np.log(q) + (1 - y) * np.log(1 - q))
 
 
 def _ratio(num, den):
@@ -90,35 +54,34 @@ def _ratio(num, den):
         return np.where(den > 0, num / den, np.nan)
 
 
-def _ece_w(p, y, W):
-    """Expected calibration error, 10 equal-width bins on [0, 1], per row of W."""
-    if p.size == 0:
-        return np.full(W.shape[0], np.nan)
-    bins = np.minimum((p * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-    onehot = np.zeros((p.size, ECE_BINS))
-    onehot[np.arange(p.size), bins] = 1.0
-    gap_per_bin = (W * (y - p)) @ onehot
-    return _ratio(np.abs(gap_per_bin).sum(axis=1), W.sum(axis=1))
+def _rank_metrics(y, W, ends, with_ap):
+    """ROC AUC (ties count one half) and, if asked, average precision, per row of W.
 
-
-def _log_loss_terms(p, y):
-    eps = np.finfo(np.float64).eps
-    q = np.clip(p, eps, 1 - eps)
-    return -(y * np.log(q) + (1 - y) * np.log(1 - q))
-
-
-def _rates_w(pred, y, W):
-    """(TPR, FPR, selection rate, accuracy) per row of W at fixed predictions."""
-    n = W.sum(axis=1)
-    n_pos = W @ y
-    tp = W @ (pred * y)
-    fp = W @ (pred * (1 - y))
-    return (
-        _ratio(tp, n_pos),
-        _ratio(fp, n - n_pos),
-        _ratio(W @ pred, n),
-        _ratio(W @ (pred == y).astype(np.float64), n),
-    )
+    The samples are in ascending score order; ``ends`` holds the last position of each run of
+    equal scores, or None when all scores differ. Cumulative sums read at the run ends give the
+    positive and negative weight at or below every distinct score.
+    """
+    wy = W * y
+    cpos = np.cumsum(wy, axis=1)
+    cw = np.cumsum(W, axis=1)
+    P = cpos[:, -1]
+    Q = cw[:, -1] - P
+    if ends is None and not with_ap:
+        # no ties: a sample is positive or negative, so sum(pos * neg_below) needs no blocks
+        num = np.einsum("ij,ij->i", wy, cw) - (P * P + np.einsum("ij,ij->i", wy, wy)) / 2
+        return _ratio(num, P * Q), None
+    if ends is not None:
+        cpos, cw = cpos[:, ends], cw[:, ends]
+    cneg = cw - cpos
+    pos = np.diff(cpos, axis=1, prepend=0.0)
+    neg = np.diff(cneg, axis=1, prepend=0.0)
+    auc = _ratio(np.einsum("ij,ij->i", pos, cneg - 0.5 * neg), P * Q)
+    if not with_ap:
+        return auc, None
+    at_or_above = cw[:, -1:] - cw + pos + neg  # weight of samples scoring >= this score
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(at_or_above > 0, (P[:, None] - cpos + pos) / at_or_above, 0.0)
+    return auc, _ratio(np.einsum("ij,ij->i", pos, precision), P)
 
 
 def _gap(per_group: list[np.ndarray], rows: int) -> np.ndarray:
@@ -129,50 +92,90 @@ def _gap(per_group: list[np.ndarray], rows: int) -> np.ndarray:
     return stacked.max(axis=1) - stacked.min(axis=1)
 
 
-def _all_metrics(s, y, attrs, attributes, threshold, W, defined):
-    """Every metric as a (R,) array for the weight matrix W.
+class _Plan:
+    """Everything about one split that does not depend on the sample weights, prepared once.
 
-    ``defined`` maps a group metric key to whether it is defined on the full sample; gaps are
-    taken over defined groups only, so that resamples compare the same set of groups.
+    Samples are put in ascending score order (every metric is invariant to the order), so each
+    subset (all samples, each group) is already sorted and needs no sort per resample. Every
+    metric that is a ratio of weighted sums (rates, log loss, the per-bin calibration sums) is
+    read from one product ``W @ M``.
     """
-    pred = (s >= threshold).astype(np.float64)
-    out: dict[str, np.ndarray] = {}
-    out["auc"] = _auc_w(s, y, W)
-    out["ap"] = _ap_w(s, y, W)
-    tpr, fpr, _, acc = _rates_w(pred, y, W)
-    out["accuracy"] = acc
-    out["tpr"] = tpr
-    out["fpr"] = fpr
-    out["bce"] = _ratio(W @ _log_loss_terms(s, y), W.sum(axis=1))
-    out["ece"] = _ece_w(s, y, W)
-    for a, (attr, groups) in enumerate(attributes.items()):
-        per: dict[str, list[np.ndarray]] = {"auc": [], "tpr": [], "fpr": [], "selection_rate": []}
-        for code, group in enumerate(groups):
-            m = attrs[:, a] == code
-            Wg, sg, yg, pg = W[:, m], s[m], y[m], pred[m]
-            g = group_key(group)
-            values = dict(zip(("tpr", "fpr", "selection_rate"), _rates_w(pg, yg, Wg)[:3], strict=True))
-            values["auc"] = _auc_w(sg, yg, Wg)
-            values["ece"] = _ece_w(sg, yg, Wg)
-            for name, v in values.items():
-                out[f"{attr}/{name}/{g}"] = v
-                if name in per and defined.get(f"{attr}/{name}/{g}", True):
-                    per[name].append(v)
-        gaps = {name: _gap(vs, W.shape[0]) for name, vs in per.items()}
-        out[f"{attr}/auc_gap"] = gaps["auc"]
-        out[f"{attr}/tpr_gap"] = gaps["tpr"]
-        out[f"{attr}/fpr_gap"] = gaps["fpr"]
-        out[f"{attr}/eo_gap"] = np.maximum(gaps["tpr"], gaps["fpr"])
-        out[f"{attr}/dp_gap"] = gaps["selection_rate"]
-        if per["auc"]:
-            group_auc = np.stack(per["auc"], axis=1)
-            out[f"{attr}/worst_auc"] = group_auc.min(axis=1)
-            spread = np.abs(out["auc"][:, None] - group_auc).sum(axis=1)
-            out[f"{attr}/es_auc"] = out["auc"] / (1.0 + spread)
-        else:
-            out[f"{attr}/worst_auc"] = np.full(W.shape[0], np.nan)
-            out[f"{attr}/es_auc"] = np.full(W.shape[0], np.nan)
-    return out
+
+    def __init__(self, s, y, a, attributes, threshold, defined):
+        self.order = np.argsort(s, kind="stable")
+        s, y, a = s[self.order], y[self.order], a[self.order]
+        self.y = y
+        self.attributes = attributes
+        self.defined = defined
+        pred = (s >= threshold).astype(np.float64)
+        bins = np.minimum((s * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+        onehot = np.zeros((s.size, ECE_BINS))
+        onehot[np.arange(s.size), bins] = y - s
+        columns = [np.ones_like(s), (pred == y).astype(np.float64), _log_loss_terms(s, y)]
+        self.subsets = []  # (metric prefix, columns or None, labels, run ends or None, first column of M)
+        for prefix, cols in self._subset_columns(a):
+            m = np.ones(s.size)
+            if cols is not None:
+                m = np.zeros(s.size)
+                m[cols] = 1.0
+            sub = s if cols is None else s[cols]
+            ends = np.flatnonzero(np.r_[sub[1:] != sub[:-1], True]) if sub.size else np.zeros(0, np.int64)
+            first = len(columns)
+            columns += [m, m * y, m * y * pred, m * (1 - y) * pred, m * pred]
+            columns += list((onehot * m[:, None]).T)
+            self.subsets.append(
+                (prefix, cols, y if cols is None else y[cols], None if ends.size == sub.size else ends, first)
+            )
+        self.M = np.stack(columns, axis=1)
+
+    def _subset_columns(self, a):
+        yield "", None
+        for i, (attr, groups) in enumerate(self.attributes.items()):
+            for code, group in enumerate(groups):
+                yield f"{attr}/{{}}/{group_key(group)}", np.flatnonzero(a[:, i] == code)
+
+    def compute(self, W: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric as a (R,) array for weights W (R, N) in this plan's sample order."""
+        M = self.M if W.dtype == np.float64 else self.M.astype(W.dtype)
+        S = W @ M
+        rows = W.shape[0]
+        out: dict[str, np.ndarray] = {}
+        for prefix, cols, y, ends, c in self.subsets:
+            n, pos, tp, fp, sel = (S[:, c + k] for k in range(5))
+            ece = _ratio(np.abs(S[:, c + 5 : c + 5 + ECE_BINS]).sum(axis=1), n)
+            overall = cols is None
+            Wg = W if overall else W[:, cols]
+            if y.size:
+                auc, ap = _rank_metrics(y, Wg, ends, with_ap=overall)
+            else:
+                auc, ap = np.full(rows, np.nan), None
+            values = {"auc": auc, "tpr": _ratio(tp, pos), "fpr": _ratio(fp, n - pos), "ece": ece}
+            if overall:
+                values.update(ap=ap, accuracy=_ratio(S[:, 1], n), bce=_ratio(S[:, 2], n))
+                out.update(values)
+            else:
+                values["selection_rate"] = _ratio(sel, n)
+                out.update({prefix.format(name): v for name, v in values.items()})
+        for attr, groups in self.attributes.items():
+            keys = [group_key(g) for g in groups]
+            per = {
+                name: [out[f"{attr}/{name}/{g}"] for g in keys if self.defined.get(f"{attr}/{name}/{g}", True)]
+                for name in ("auc", "tpr", "fpr", "selection_rate")
+            }
+            gaps = {name: _gap(vs, rows) for name, vs in per.items()}
+            out[f"{attr}/auc_gap"] = gaps["auc"]
+            out[f"{attr}/tpr_gap"] = gaps["tpr"]
+            out[f"{attr}/fpr_gap"] = gaps["fpr"]
+            out[f"{attr}/eo_gap"] = np.maximum(gaps["tpr"], gaps["fpr"])
+            out[f"{attr}/dp_gap"] = gaps["selection_rate"]
+            if per["auc"]:
+                group_auc = np.stack(per["auc"], axis=1)
+                out[f"{attr}/worst_auc"] = group_auc.min(axis=1)
+                out[f"{attr}/es_auc"] = out["auc"] / (1.0 + np.abs(out["auc"][:, None] - group_auc).sum(axis=1))
+            else:
+                out[f"{attr}/worst_auc"] = np.full(rows, np.nan)
+                out[f"{attr}/es_auc"] = np.full(rows, np.nan)
+        return out
 
 
 # --------------------------------------------------------------------------- public API
@@ -267,7 +270,8 @@ def evaluate(
     attributes = dict(attributes or {})
     s, y, a = _as_arrays(scores, labels, attrs, attributes)
     defined, warnings = _undefined(y, a, attributes)
-    point = _all_metrics(s, y, a, attributes, threshold, np.ones((1, s.size)), defined)
+    plan = _Plan(s, y, a, attributes, threshold, defined)
+    point = plan.compute(np.ones((1, s.size)))
     values = {k: float(v[0]) for k, v in point.items()}
     for k, ok in defined.items():
         if not ok:
@@ -279,22 +283,18 @@ def evaluate(
     }
     report = Report(values=values, counts=counts, threshold=float(threshold), warnings=warnings)
     if n_bootstrap > 0 and s.size > 0:
-        report.ci = _bootstrap_ci(s, y, a, attributes, threshold, defined, values, n_bootstrap, seed, confidence)
+        report.ci = _bootstrap_ci(plan, values, n_bootstrap, seed, confidence)
     return report
 
 
-def _bootstrap_ci(s, y, a, attributes, threshold, defined, values, n_bootstrap, seed, confidence):
+def _bootstrap_ci(plan: _Plan, values, n_bootstrap, seed, confidence):
+    """Percentile intervals from resamples drawn directly in the plan's (sorted) order."""
     rng = np.random.default_rng(seed)
-    n = s.size
-    rows_per_block = max(1, min(n_bootstrap, 4_000_000 // n))
+    n = plan.y.size
     draws: dict[str, list[np.ndarray]] = {k: [] for k in values}
-    done = 0
-    while done < n_bootstrap:
-        r = min(rows_per_block, n_bootstrap - done)
-        W = _resample_weights(rng, r, n)
-        for k, v in _all_metrics(s, y, a, attributes, threshold, W, defined).items():
+    for r in _blocks_of(n_bootstrap, n):
+        for k, v in plan.compute(_resample_weights(rng, r, n)).items():
             draws[k].append(v)
-        done += r
     alpha = (1.0 - confidence) / 2.0
     ci: dict[str, tuple[float, float]] = {}
     for k, parts in draws.items():
@@ -306,6 +306,12 @@ def _bootstrap_ci(s, y, a, attributes, threshold, defined, values, n_bootstrap, 
             lo, hi = np.quantile(v, [alpha, 1.0 - alpha])
             ci[k] = (float(lo), float(hi))
     return ci
+
+
+def _blocks_of(n_bootstrap: int, n: int) -> list[int]:
+    """Resamples per block, so that one block's weight matrix holds about 8 million entries."""
+    size = max(1, min(n_bootstrap, 8_000_000 // max(n, 1)))
+    return [min(size, n_bootstrap - i) for i in range(0, n_bootstrap, size)]
 
 
 def paired_bootstrap(
@@ -326,32 +332,30 @@ def paired_bootstrap(
     attributes = dict(attributes)
     _, y, a = _as_arrays(predictions[0][0], labels, attrs, attributes)
     defined, _ = _undefined(y, a, attributes)
-    scores = [np.asarray(s, dtype=np.float64).ravel() for s, _ in predictions]
-    n = y.size
+    plans = [_Plan(np.asarray(s, dtype=np.float64).ravel(), y, a, attributes, t, defined) for s, t in predictions]
     rng = np.random.default_rng(seed)
-    rows_per_block = max(1, min(n_bootstrap, 4_000_000 // n))
-    draws: list[dict[str, list[np.ndarray]]] = [{} for _ in predictions]
-    done = 0
-    while done < n_bootstrap:
-        r = min(rows_per_block, n_bootstrap - done)
-        W = _resample_weights(rng, r, n)
-        for out, s, (_, threshold) in zip(draws, scores, predictions, strict=True):
-            for k, v in _all_metrics(s, y, a, attributes, threshold, W, defined).items():
+    draws: list[dict[str, list[np.ndarray]]] = [{} for _ in plans]
+    for r in _blocks_of(n_bootstrap, y.size):
+        W = _resample_weights(rng, r, y.size)  # in sample order: the same resamples for every plan
+        for out, plan in zip(draws, plans, strict=True):
+            for k, v in plan.compute(W[:, plan.order]).items():
                 out.setdefault(k, []).append(v)
-        done += r
     return [{k: np.concatenate(v) for k, v in out.items()} for out in draws]
 
 
 def _resample_weights(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
-    """``rows`` bootstrap resamples of n samples as draw counts, shape (rows, n)."""
+    """``rows`` bootstrap resamples of n samples as draw counts, shape (rows, n), float32
+    (counts are small integers, exact in float32; the point estimate stays in float64)."""
     idx = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
-    return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+    return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float32)
 
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve; NaN unless both classes are present."""
     s, y, _ = _as_arrays(scores, labels, None, {})
-    return float(_auc_w(s, y, np.ones((1, s.size)))[0])
+    order = np.argsort(s, kind="stable")
+    ends = np.flatnonzero(np.r_[s[order][1:] != s[order][:-1], True])
+    return float(_rank_metrics(y[order], np.ones((1, s.size)), ends, with_ap=False)[0][0])
 
 
 def select_threshold(scores, labels, rule: str | float) -> float:
@@ -374,7 +378,8 @@ def select_threshold(scores, labels, rule: str | float) -> float:
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"threshold rule '{rule}' needs both classes in the validation split")
     order = np.argsort(-s, kind="stable")
-    starts = _blocks(s[order])
+    ordered = s[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     ends = np.r_[starts[1:], s.size] - 1
     tp = np.cumsum(y[order])[ends]
     fp = (ends + 1) - tp

@@ -136,10 +136,17 @@ def test_bootstrap_weights_equal_sklearn_on_the_resample():
     rng = np.random.default_rng(0)
     idx = rng.integers(0, len(s), len(s))
     W = np.bincount(idx, minlength=len(s)).astype(float)[None, :]
-    out = metrics._all_metrics(s, y.astype(float), a, ATTRS, 0.5, W, {})
+    plan = metrics._Plan(s, y.astype(float), a, ATTRS, 0.5, {})
+    out = plan.compute(W[:, plan.order])
     assert out["auc"][0] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
     assert out["ap"][0] == pytest.approx(average_precision_score(y[idx], s[idx]), abs=1e-12)
     assert out["bce"][0] == pytest.approx(log_loss(y[idx], s[idx]), abs=1e-12)
+    group = a[idx, 0] == 1
+    assert out["site/auc/b"][0] == pytest.approx(roc_auc_score(y[idx][group], s[idx][group]), abs=1e-12)
+    # the float32 path of the bootstrap agrees with the float64 one
+    out32 = plan.compute(W[:, plan.order].astype(np.float32))
+    assert out32["auc"][0] == pytest.approx(out["auc"][0], abs=1e-5)
+    assert out32["ap"][0] == pytest.approx(out["ap"][0], abs=1e-5)
 
 
 def test_threshold_rules_against_brute_force():
