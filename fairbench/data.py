@@ -214,7 +214,7 @@ class DeviceTransform:
         self.config = config or AugmentConfig()
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        x = (images.float() * self.scale - self.mean) / self.std
+        x = images.float()
         size = self.size or x.shape[-1]
         if train and self.augment:
             theta = self.affine(x.shape[0], x.device)
@@ -226,6 +226,8 @@ class DeviceTransform:
             x = torch.nn.functional.interpolate(
                 x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
             )
+        # resampling is linear, so scaling and normalising after it (on the output size) is exact
+        x = (x * self.scale - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -229,6 +229,13 @@ def build(runs: Runs, n_bootstrap: int = 1000, seed: int = 0) -> Leaderboard:
                 row[f"{metric}_significant"] = bool(lo > 0 or hi < 0)
             rows.append(row)
     table = pd.DataFrame(rows)
+    # the reference first, then the methods by name
+    table = (
+        table.assign(_ref=table["method"] != BASELINE)
+        .sort_values(["dataset", "backbone", "_ref", "method", "attribute"])
+        .drop(columns="_ref")
+        .reset_index(drop=True)
+    )
     return Leaderboard(table=table, ranks=rank(table), skipped=runs.skipped, notes=notes)
 
 
@@ -318,6 +325,12 @@ def to_latex(table: pd.DataFrame, metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
+def groups_of(frame: pd.DataFrame, attr: str) -> list[str]:
+    """The group keys of ``attr`` in the runs, from the per-group counts (``sex/n/female``)."""
+    prefix = f"{attr}/n/"
+    return sorted(c[len(prefix) :] for c in frame.columns if c.startswith(prefix))
+
+
 def plot(table: pd.DataFrame, runs: Runs, folder: Path, gap: str = "eo_gap") -> list[Path]:
     """Per dataset and attribute: AUC vs ``gap`` with error bars, and per-group TPR/FPR bars."""
     import matplotlib
@@ -359,7 +372,7 @@ def plot(table: pd.DataFrame, runs: Runs, folder: Path, gap: str = "eo_gap") -> 
 
         runs_here = frame[frame["dataset"] == dataset]
         methods = list(part["method"])
-        groups = sorted({c.split("/")[2] for c in runs_here.columns if c.startswith(f"{attr}/tpr/")})
+        groups = groups_of(runs_here, attr)
         if not groups:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)

@@ -47,6 +47,7 @@ def use_store(tracking_uri: str) -> None:
     """
     import mlflow
 
+    _quiet()
     before = os.environ.get(URI_ENV)
     mlflow.set_tracking_uri(tracking_uri)
     if before is None:

@@ -119,6 +119,21 @@ def test_cli_formats_files_and_plots(store):
     assert latex.startswith("\\begin{tabular}") and "$\\pm$" in latex
 
 
+def test_plot_groups_come_from_group_counts(store):
+    _, uri, _ = store
+    frame = lb.load_runs(uri).frame
+    assert lb.groups_of(frame, "sex") == ["female", "male"]
+    with_intervals = pd.DataFrame(columns=["sex/tpr/female", "sex/tpr/female_ci_high", "sex/n/female", "sex/n/male"])
+    assert lb.groups_of(with_intervals, "sex") == ["female", "male"]
+    assert lb.groups_of(frame, "age") == ["ge60", "lt60"]
+
+
+def test_erm_comes_first(store):
+    _, uri, _ = store
+    table = lb.build(lb.load_runs(uri), n_bootstrap=100).table
+    assert list(table["method"])[:2] == ["erm", "erm"]
+
+
 def test_empty_store_says_how_to_make_runs(tmp_path):
     out = CliRunner().invoke(main, ["leaderboard", "--results-dir", str(tmp_path)])
     assert out.exit_code == 1
