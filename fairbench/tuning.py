@@ -286,7 +286,11 @@ def _close_parent(study: Any, cfg: TuneConfig, parent: str, multi: bool, status:
         if best and not multi:
             client.log_metric(parent, "best/" + cfg.objectives[0], best[0]["values"][cfg.objectives[0]])
         if multi and best:
-            client.log_figure(parent, pareto_figure(study, cfg.objectives), "pareto_front.png")
+            import matplotlib.pyplot as plt
+
+            fig = pareto_figure(study, cfg.objectives)
+            client.log_figure(parent, fig, "pareto_front.png")
+            plt.close(fig)
     client.set_terminated(parent, status)
 
 
@@ -325,7 +329,10 @@ def save_front(result: TuneResult, folder: Path, objectives: list[str]) -> list[
     paths = [folder / f"{name}_best.json"]
     paths[0].write_text(json.dumps(result.best, indent=2))
     if len(objectives) > 1 and result.best:
+        import matplotlib.pyplot as plt
+
         fig = pareto_figure(result.study, objectives)
         paths.append(folder / f"{name}_pareto.png")
         fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
