@@ -43,6 +43,22 @@ from fairbench.trainer import TrainConfig, fit, predict, resolve_device, seed_ev
 HAM_MEAN, HAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def _ham_like(images: np.ndarray, labels: np.ndarray, size: int) -> tuple[Split, Splits]:
+    """One split over ``images`` with HAM10000's normalisation and augmentations."""
+    split = Split(images=images, labels=labels, attrs=np.zeros((len(labels), 1), np.int64))
+    splits = Splits(
+        train=split,
+        val=split,
+        test=split,
+        attributes={"a": ["x"]},
+        mean=HAM_MEAN,
+        std=HAM_STD,
+        augment=("crop", "hflip", "vflip", "rotate"),
+        size=size,
+    )
+    return split, splits
+
+
 def _jpegs(folder: Path, n: int) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
@@ -66,17 +82,7 @@ def data_throughput(n: int, workers: int, size: int = 224, batch: int = 64) -> t
         paths = _jpegs(Path(tmp), n)
         decode_images(paths, Path(tmp), size=256, channels=3, workers=workers or 1, progress=False)
         images = np.load(Path(tmp) / "images.npy", mmap_mode="r")
-        split = Split(images=images, labels=np.zeros(n, np.int64), attrs=np.zeros((n, 1), np.int64))
-        splits = Splits(
-            train=split,
-            val=split,
-            test=split,
-            attributes={"a": ["x"]},
-            mean=HAM_MEAN,
-            std=HAM_STD,
-            augment=("crop", "hflip", "vflip", "rotate"),
-            size=size,
-        )
+        split, splits = _ham_like(images, np.zeros(n, np.int64), size)
         transform = DeviceTransform(splits, device)
         loader = make_loader(split, batch, train=True, seed=0, num_workers=workers, pin_memory=device.type == "cuda")
 
@@ -214,17 +220,7 @@ def peak_memory(steps: int, workers: int = 4, n: int = 10015, size: int = 256) -
         del images
         images = np.load(path, mmap_mode="r")
         labels = np.random.default_rng(0).integers(0, 2, n)
-        split = Split(images=images, labels=labels, attrs=np.zeros((n, 1), np.int64))
-        splits = Splits(
-            train=split,
-            val=split,
-            test=split,
-            attributes={"a": ["x"]},
-            mean=HAM_MEAN,
-            std=HAM_STD,
-            augment=("crop", "hflip", "vflip", "rotate"),
-            size=224,
-        )
+        split, splits = _ham_like(images, labels, 224)
         model = create_backbone("resnet18", 3).to(device)
         method = Method(model, TrainInfo(torch.from_numpy(labels), None, (), None, 1, steps))
         opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
