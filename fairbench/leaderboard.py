@@ -115,12 +115,15 @@ def _cell_groups(frame: pd.DataFrame) -> list[str]:
     return ["dataset", "variant", "method"]
 
 
-def _predictions(client: Any, run_id: str) -> pd.DataFrame | None:
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return pd.read_csv(client.download_artifacts(run_id, "predictions_test.csv", tmp))
-    except Exception:  # an older run without the artifact: no bootstrap for it
-        return None
+def _predictions(client: Any, run_id: str, cache: dict[str, pd.DataFrame | None]) -> pd.DataFrame | None:
+    """A run's saved test predictions, downloaded once per leaderboard (ERM's serve every method)."""
+    if run_id not in cache:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                cache[run_id] = pd.read_csv(client.download_artifacts(run_id, "predictions_test.csv", tmp))
+        except Exception:  # an older run without the artifact: no bootstrap for it
+            cache[run_id] = None
+    return cache[run_id]
 
 
 def _attribute_groups(dataset: str, attributes: list[str], preds: pd.DataFrame) -> dict[str, list[str]]:
@@ -139,7 +142,13 @@ def _attribute_groups(dataset: str, attributes: list[str], preds: pd.DataFrame) 
 
 
 def _bootstrap_differences(
-    runs: Runs, group: pd.DataFrame, erm: pd.DataFrame, n_bootstrap: int, seed: int, client: Any
+    runs: Runs,
+    group: pd.DataFrame,
+    erm: pd.DataFrame,
+    n_bootstrap: int,
+    seed: int,
+    client: Any,
+    cache: dict[str, pd.DataFrame | None],
 ) -> tuple[dict[str, tuple[float, float]], str | None]:
     """95% interval of (method - ERM) for each metric key, pooled over shared seeds."""
     from fairbench.metrics import paired_bootstrap
@@ -149,8 +158,8 @@ def _bootstrap_differences(
         return {}, "no shared seeds"
     pairs = []
     for s in shared:
-        a = _predictions(client, group.loc[group["seed"] == s, "run_id"].iloc[0])
-        b = _predictions(client, erm.loc[erm["seed"] == s, "run_id"].iloc[0])
+        a = _predictions(client, group.loc[group["seed"] == s, "run_id"].iloc[0], cache)
+        b = _predictions(client, erm.loc[erm["seed"] == s, "run_id"].iloc[0], cache)
         if a is None or b is None:
             return {}, "predictions missing"
         if len(a) != len(b) or not np.array_equal(a["label"], b["label"]):
@@ -184,6 +193,7 @@ def build(runs: Runs, n_bootstrap: int = 1000, seed: int = 0) -> Leaderboard:
     keys = _cell_groups(frame)
     attributes = _attributes(frame)
     client = mlflow.MlflowClient(runs.tracking_uri)
+    downloaded: dict[str, pd.DataFrame | None] = {}
     notes: list[str] = []
     rows = []
     for (dataset, variant, method), group in frame.groupby(keys, sort=True):
@@ -193,7 +203,7 @@ def build(runs: Runs, n_bootstrap: int = 1000, seed: int = 0) -> Leaderboard:
         ci, why = (
             ({}, None)
             if method == BASELINE or erm.empty
-            else _bootstrap_differences(runs, group, erm, n_bootstrap, seed, client)
+            else _bootstrap_differences(runs, group, erm, n_bootstrap, seed, client, downloaded)
         )
         if why:
             notes.append(f"{dataset} {method}: no bootstrap comparison with ERM ({why})")

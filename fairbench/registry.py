@@ -90,13 +90,3 @@ class Registry:
 
 methods = Registry("method", "fairbench.methods")
 datasets = Registry("dataset", "fairbench.datasets")
-
-
-def create_method(name: str) -> Any:
-    """The method class registered as ``name``."""
-    return methods.get(name)
-
-
-def create_dataset(name: str) -> Any:
-    """The dataset class registered as ``name``."""
-    return datasets.get(name)

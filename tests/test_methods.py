@@ -197,40 +197,13 @@ def test_methods_are_registered_with_search_spaces():
 def test_each_method_runs_from_the_cli_and_logs_its_loss_parts(tmp_path, method, options, logged):
     import mlflow
     from click.testing import CliRunner
+    from tiny import TINY_DATA, TINY_RUN
 
     from fairbench.cli import main
 
     results = tmp_path / "results"
-    args = [
-        "run",
-        "--method",
-        method,
-        *options,
-        "--backbone",
-        "test_resnet",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--bootstrap",
-        "10",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--attribute",
-        "age",
-        "--results-dir",
-        str(results),
-        "-D",
-        "n_train=64",
-        "-D",
-        "n_val=48",
-        "-D",
-        "n_test=48",
-    ]
+    args = ["run", "--method", method, *options, *TINY_RUN, *TINY_DATA, "--epochs", "2", "--attribute", "age",
+            "--results-dir", str(results)]  # fmt: skip
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
     run_id = out.output.split("MLflow run ")[1].split()[0]

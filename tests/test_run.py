@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from fairlearn.metrics import MetricFrame, equalized_odds_difference, true_positive_rate
 from sklearn.metrics import average_precision_score, roc_auc_score
+from tiny import TINY_DATA, TINY_RUN
 
 from fairbench.cli import main
 from fairbench.experiment import run_experiment
@@ -78,35 +79,7 @@ def test_interrupted_run_is_killed_failed_run_is_failed_next_run_finishes(tiny_c
 
 def test_cli_run_prints_the_summary(tmp_path):
     results = tmp_path / "results"
-    args = [
-        "run",
-        "--method",
-        "erm",
-        "--dataset",
-        "synthetic",
-        "--backbone",
-        "test_resnet",
-        "--epochs",
-        "1",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "32",
-        "--bootstrap",
-        "20",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--results-dir",
-        str(results),
-        "-D",
-        "n_train=64",
-        "-D",
-        "n_val=48",
-        "-D",
-        "n_test=48",
-    ]
+    args = ["run", "--method", "erm", *TINY_RUN, *TINY_DATA, "--epochs", "1", "--results-dir", str(results)]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
     assert "sex: equalized-odds gap" in out.output
@@ -168,32 +141,8 @@ def test_ctrl_c_during_an_epoch_records_killed_and_the_next_run_works(tmp_path):
     import time
 
     results = tmp_path / "results"
-    args = [
-        sys.executable,
-        "-m",
-        "fairbench.cli",
-        "run",
-        "--backbone",
-        "test_resnet",
-        "--epochs",
-        "500",
-        "--patience",
-        "0",
-        "--image-size",
-        "32",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--results-dir",
-        str(results),
-        "-D",
-        "n_train=64",
-        "-D",
-        "n_val=32",
-        "-D",
-        "n_test=32",
-    ]
+    cli = ["run", *TINY_RUN, *TINY_DATA, "--results-dir", str(results)]
+    args = [sys.executable, "-m", "fairbench.cli", *cli, "--epochs", "500", "--patience", "0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     for line in proc.stdout:  # wait until training is under way
@@ -206,6 +155,6 @@ def test_ctrl_c_during_an_epoch_records_killed_and_the_next_run_works(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
     experiment = [client.get_experiment_by_name("synthetic").experiment_id]
     assert [r.info.status for r in client.search_runs(experiment)] == ["KILLED"]
-    again = CliRunner().invoke(main, [*args[3:-8], "--epochs", "1", "--bootstrap", "10", *args[-8:]])
+    again = CliRunner().invoke(main, [*cli, "--epochs", "1"])
     assert again.exit_code == 0, again.output
     assert sorted(r.info.status for r in client.search_runs(experiment)) == ["FINISHED", "KILLED"]

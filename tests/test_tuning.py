@@ -7,34 +7,14 @@ import mlflow
 import optuna
 import pytest
 from click.testing import CliRunner
+from tiny import TINY_DATA, TINY_RUN
 
 from fairbench import tuning
 from fairbench.cli import main
 from fairbench.errors import FairbenchError
 from fairbench.tuning import TuneConfig, tune
 
-TINY = [
-    "--backbone",
-    "test_resnet",
-    "--image-size",
-    "32",
-    "--epochs",
-    "2",
-    "--patience",
-    "0",
-    "--batch-size",
-    "32",
-    "--device",
-    "cpu",
-    "--num-workers",
-    "0",
-    "-D",
-    "n_train=64",
-    "-D",
-    "n_val=48",
-    "-D",
-    "n_test=48",
-]
+TINY = [*TINY_RUN, *TINY_DATA, "--epochs", "2", "--patience", "0"]
 
 
 def trial_runs(uri, study):

@@ -1,0 +1,8 @@
+"""Command-line arguments of a tiny run: timm's test model at 32 px on the CPU, 64 training images.
+
+Later options override earlier ones, so a test appends what it needs (``--epochs 1``, …).
+"""
+
+TINY_RUN = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "32", "--device", "cpu",
+            "--num-workers", "0", "--bootstrap", "20"]  # fmt: skip
+TINY_DATA = ["-D", "n_train=64", "-D", "n_val=48", "-D", "n_test=48"]
