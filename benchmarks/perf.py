@@ -318,7 +318,7 @@ def main() -> None:
         row(
             f"| 6 | memory: peak PSS of the process and its 4 workers during a full pass over a HAM-sized cache "
             f"({cache / 2**30:.2f} GiB on disk) | {data_peak / 2**30:.2f} GiB | {4 * cache / 2**30:.2f} GiB "
-            f"(the cache copied per worker) | | < 3 GB | {'yes' if data_peak < 3e9 else 'no'} |"
+            f"(computed: 4 × the cache, if each worker copied it) | | < 3 GB | {'yes' if data_peak < 3e9 else 'no'} |"
         )
         row(
             f"| 6 | memory: the same, then {args.memory_steps} resnet18 training steps at 224 px, batch 64, on the CPU "
