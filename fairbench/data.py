@@ -70,6 +70,8 @@ class Splits:
     scale: float = 1.0 / 255.0
     augment: tuple[str, ...] = ()
     size: int | None = None
+    label_names: tuple[str, ...] = ()
+    folder: Path | None = None
 
     def __getitem__(self, name: str) -> Split:
         if name not in SPLITS:
@@ -80,6 +82,12 @@ class Splits:
     def in_chans(self) -> int:
         return int(self.train.images.shape[1])
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's input after the device transform."""
+        side = self.size or int(self.train.images.shape[-1])
+        return (self.in_chans, side, side)
+
 
 class Dataset:
     """Base class of dataset adapters (registered in the ``fairbench.datasets`` group).
@@ -89,6 +97,8 @@ class Dataset:
 
     name: ClassVar[str] = ""
     attributes: ClassVar[dict[str, list[str]]] = {}
+    label_names: ClassVar[tuple[str, ...]] = ()
+    """Clinical names of the dataset's findings (e.g. for label embeddings); may be empty."""
     in_chans: ClassVar[int] = 3
     default_image_size: ClassVar[int] = 224
     cache_size: ClassVar[int] = 256

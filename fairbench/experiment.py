@@ -93,6 +93,7 @@ def run_experiment(
         )
     seed_everything(config.train.seed)
     splits = dataset.load(data_dir, config.image_size)
+    splits = replace(splits, label_names=tuple(dataset.label_names), folder=data_dir / dataset.name)
     flipped = None
     if config.label_bias:
         column, code, fraction = parse_label_bias(config.label_bias, splits.attributes)
@@ -113,6 +114,7 @@ def run_experiment(
         backbone=config.backbone,
         attribute=config.attribute,
         uses_attributes=method_cls.uses_attributes,
+        uses_attributes_at_test=method_cls.uses_attributes_at_test,
     )
     tags.update(extra_tags or {})
     run_name = f"{config.method}-{config.dataset}-s{config.train.seed}"

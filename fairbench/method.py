@@ -12,6 +12,7 @@ them batches whose ``group`` is None and a :class:`TrainInfo` without groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +28,9 @@ class TrainInfo:
     """What a method may know about its training set before training starts.
 
     ``groups`` holds the training attribute's code per training sample (-1 unknown) and is
-    None for methods that do not use attributes.
+    None for methods that do not use attributes. ``input_shape`` is (C, H, W) of the model's
+    input; ``label_names`` the dataset's clinical finding names; ``data_folder`` the dataset's
+    prepared folder, where dataset-side files such as label embeddings are kept.
     """
 
     labels: torch.Tensor
@@ -36,6 +39,9 @@ class TrainInfo:
     attribute: str | None
     epochs: int
     steps_per_epoch: int
+    input_shape: tuple[int, int, int] = (3, 224, 224)
+    label_names: tuple[str, ...] = ()
+    data_folder: Path | None = None
 
 
 @dataclass
@@ -60,6 +66,9 @@ class Method(nn.Module):
     """
 
     uses_attributes: ClassVar[bool] = False
+    uses_attributes_at_test: ClassVar[bool] = False
+    """True for methods that need the sensitive attribute of each sample to predict (e.g. a
+    group-specific normalisation); shown by ``fairbench list`` and on the leaderboard."""
 
     def __init__(self, backbone: Backbone, info: TrainInfo) -> None:
         super().__init__()

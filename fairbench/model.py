@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,10 +13,20 @@ from fairbench.errors import FairbenchError, UnknownNameError
 
 @dataclass
 class ModelOutput:
-    """``logits`` (B,) of the positive class and ``features`` (B, D): what the linear head receives."""
+    """``logits`` (B,) of the positive class, float32, and ``features`` (B, D): what the linear
+    head receives. ``extras`` carries whatever else a method's own forward pass computes for its
+    loss (e.g. token masks), keyed by name."""
 
     logits: torch.Tensor
     features: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def head_fp32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``head(features)`` in float32 with autocast off, so scores keep full precision on CUDA
+    (a bf16 logit has 8 mantissa bits: scores would tie and flip near the threshold)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.float())
 
 
 class Backbone(nn.Module):
@@ -29,7 +39,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        logits = self.net.get_classifier()(features)
+        logits = head_fp32(self.net.get_classifier(), features)
         return ModelOutput(logits=logits.squeeze(-1), features=features)
 
 
@@ -43,7 +53,7 @@ def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
     from timm.models import adapt_input_conv, load_state_dict
 
     try:
-        state = load_state_dict(str(path))
+        state = load_state_dict(str(path), weights_only=True)
     except Exception as exc:
         raise FairbenchError(
             f"--pretrained-file {path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "

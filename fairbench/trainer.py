@@ -209,6 +209,9 @@ def fit(
         attribute=attribute if method_cls.uses_attributes else None,
         epochs=config.epochs,
         steps_per_epoch=steps,
+        input_shape=splits.input_shape,
+        label_names=tuple(splits.label_names),
+        data_folder=splits.folder,
     )
     if method_cls.uses_attributes and attr_col is None:
         raise FairbenchError(f"method '{method_cls.__name__}' needs a training attribute: pass --attribute")

@@ -16,7 +16,7 @@ Samples whose group is unknown (-1) are left out of the adversary's loss.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import nn
 
 from fairbench.method import Batch, Method, TrainInfo
 from fairbench.model import Backbone, ModelOutput
+from fairbench.options import Interval
 
 
 class _GradReverse(torch.autograd.Function):
@@ -60,11 +61,11 @@ class Adversarial(Method):
         backbone: Backbone,
         info: TrainInfo,
         *,
-        lambda_adv: float = 1.0,
-        warmup_epochs: int = 0,
+        lambda_adv: Annotated[float, Interval(ge=0)] = 1.0,
+        warmup_epochs: Annotated[int, Interval(ge=0)] = 0,
         target: Literal["representation", "eqodds"] = "representation",
-        hidden: int = 64,
-        adv_lr: float | None = None,
+        hidden: Annotated[int, Interval(ge=1)] = 64,
+        adv_lr: Annotated[float, Interval(gt=0)] | None = None,
     ) -> None:
         super().__init__(backbone, info)
         self.lambda_adv = lambda_adv

@@ -17,13 +17,14 @@ Where the paper is silent, two logged options: ``side=both`` adds the same term 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from fairbench.method import Batch, Method, TrainInfo
 from fairbench.model import Backbone, ModelOutput
+from fairbench.options import Interval
 
 EPS = 1e-6
 
@@ -63,7 +64,7 @@ class NIR(Method):
         backbone: Backbone,
         info: TrainInfo,
         *,
-        lambda_nir: float = 0.1,
+        lambda_nir: Annotated[float, Interval(ge=0)] = 0.1,
         side: Literal["positive", "both"] = "positive",
         normalize: Literal["none", "mean_square"] = "none",
     ) -> None:

@@ -8,7 +8,7 @@ total weight. The weights enter either the loss (``mode=loss``) or a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch.utils.data import Sampler, WeightedRandomSampler
 
 from fairbench.method import Batch, Method, TrainInfo
 from fairbench.model import Backbone, ModelOutput
+from fairbench.options import Interval
 
 Cells = Literal["group_label", "group", "label"]
 
@@ -60,7 +61,7 @@ class Reweight(Method):
         *,
         cells: Cells = "group_label",
         mode: Literal["loss", "sampler"] = "loss",
-        power: float = 1.0,
+        power: Annotated[float, Interval(ge=0)] = 1.0,
     ) -> None:
         super().__init__(backbone, info)
         self.mode = mode
