@@ -40,7 +40,7 @@ def group_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_") or "group"
 
 
-# --------------------------------------------------------------------------- weighted kernels
+# --------------------------------------------------------------------------- count kernels
 
 
 def _log_loss_terms(p, y):
@@ -54,38 +54,56 @@ def _ratio(num, den):
         return np.where(den > 0, num / den, np.nan)
 
 
-def _rank_metrics(y, W, ends, with_ap):
-    """ROC AUC (ties count one half) and, if asked, average precision, per row of W.
+class _Ranks:
+    """ROC AUC (ties count one half) of one subset, for integer sample counts.
 
-    The samples are in ascending score order; ``ends`` holds the last position of each run of
-    equal scores, or None when all scores differ. Cumulative sums read at the run ends give the
-    positive and negative weight at or below every distinct score.
+    The subset's samples are in ascending score order. With ``cum`` the cumulative counts
+    (a zero row first), a positive in a run of equal scores from ``start`` to ``end`` has
+    ``(cum[start] + cum[end + 1]) / 2`` samples below it (ties counted one half). Summed over
+    positives this counts every (positive, negative) pair once and every (positive, positive)
+    pair once, so ``2U = sum_pos c * (cum[start] + cum[end + 1]) - P**2``. Everything is an
+    integer, hence exact; only the final ratio is a float.
     """
-    wy = W * y
-    cpos = np.cumsum(wy, axis=1)
-    cw = np.cumsum(W, axis=1)
-    P = cpos[:, -1]
-    Q = cw[:, -1] - P
-    if ends is None and not with_ap:
-        # no ties: a sample is positive or negative, so sum(pos * neg_below) needs no blocks
-        num = np.einsum("ij,ij->i", wy, cw) - (P * P + np.einsum("ij,ij->i", wy, wy)) / 2
-        return _ratio(num, P * Q), None
-    if ends is not None:
-        cpos, cw = cpos[:, ends], cw[:, ends]
-    cneg = cw - cpos
-    pos = np.diff(cpos, axis=1, prepend=0.0)
-    neg = np.diff(cneg, axis=1, prepend=0.0)
-    auc = _ratio(np.einsum("ij,ij->i", pos, cneg - 0.5 * neg), P * Q)
-    if not with_ap:
-        return auc, None
-    at_or_above = cw[:, -1:] - cw + pos + neg  # weight of samples scoring >= this score
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(at_or_above > 0, (P[:, None] - cpos + pos) / at_or_above, 0.0)
-    return auc, _ratio(np.einsum("ij,ij->i", pos, precision), P)
+
+    def __init__(self, s: np.ndarray, y: np.ndarray) -> None:
+        n = s.size
+        new_run = np.r_[True, s[1:] != s[:-1]] if n else np.zeros(0, bool)
+        run = np.cumsum(new_run) - 1
+        starts = np.flatnonzero(new_run)
+        ends = np.r_[starts[1:], n] - 1 if n else np.zeros(0, np.int64)
+        self.pos = np.flatnonzero(y == 1)
+        self.lo = starts[run[self.pos]]
+        self.hi = ends[run[self.pos]] + 1
+        self.y = y
+        self.starts, self.ends = starts, ends
+
+    def auc(self, C: np.ndarray) -> np.ndarray:
+        """AUC per column of the counts ``C`` (n, R), int32, rows in this subset's order."""
+        cum = np.zeros((C.shape[0] + 1, C.shape[1]), np.int32)
+        np.cumsum(C, axis=0, dtype=np.int32, out=cum[1:])
+        cpos = C[self.pos]
+        P = cpos.sum(axis=0, dtype=np.int64)
+        total = cum[-1].astype(np.int64)
+        two_u = np.einsum("ij,ij->j", cpos, cum[self.lo] + cum[self.hi], dtype=np.int64) - P * P
+        return _ratio(two_u.astype(np.float64), 2.0 * P * (total - P))
+
+    def average_precision(self, C: np.ndarray) -> np.ndarray:
+        """Average precision per column: the step-wise sum over distinct scores, high to low."""
+        cum = np.zeros((C.shape[0] + 1, C.shape[1]), np.int64)
+        np.cumsum(C, axis=0, out=cum[1:])
+        cy = np.zeros_like(cum)
+        np.cumsum(C * self.y[:, None].astype(C.dtype), axis=0, out=cy[1:])
+        P, total = cy[-1], cum[-1]
+        at_or_above = total - cum[self.starts]  # samples scoring >= each distinct score
+        pos_above = P - cy[self.starts]
+        pos_here = cy[self.ends + 1] - cy[self.starts]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(at_or_above > 0, pos_above / at_or_above, 0.0)
+        return _ratio((pos_here * precision).sum(axis=0), P.astype(np.float64))
 
 
 def _gap(per_group: list[np.ndarray], rows: int) -> np.ndarray:
-    """max - min over groups per row; NaN where fewer than two groups or any is NaN."""
+    """max - min over groups per resample; NaN where fewer than two groups or any is NaN."""
     if len(per_group) < 2:
         return np.full(rows, np.nan)
     stacked = np.stack(per_group, axis=1)
@@ -93,65 +111,71 @@ def _gap(per_group: list[np.ndarray], rows: int) -> np.ndarray:
 
 
 class _Plan:
-    """Everything about one split that does not depend on the sample weights, prepared once.
+    """Everything about one split that does not depend on the sample counts, prepared once.
 
     Samples are put in ascending score order (every metric is invariant to the order), so each
-    subset (all samples, each group) is already sorted and needs no sort per resample. Every
-    metric that is a ratio of weighted sums (rates, log loss, the per-bin calibration sums) is
-    read from one product ``W @ M``.
+    subset (all samples, each group) is already sorted and needs no sort per resample. Counts
+    come as a matrix C (N, R): sample i is drawn C[i, r] times in resample r (a column of ones
+    is the point estimate). Every metric that is a ratio of sums (rates, log loss, the per-bin
+    calibration sums) is read from one product ``M.T @ C``; AUC and AP come from integer
+    cumulative counts (:class:`_Ranks`), so every value is exact.
     """
 
-    def __init__(self, s, y, a, attributes, threshold, defined):
+    def __init__(self, s, y, a, attributes, threshold, included):
         self.order = np.argsort(s, kind="stable")
         s, y, a = s[self.order], y[self.order], a[self.order]
         self.y = y
+        self.a = a
         self.attributes = attributes
-        self.defined = defined
+        self.included = included
         pred = (s >= threshold).astype(np.float64)
         bins = np.minimum((s * ECE_BINS).astype(np.int64), ECE_BINS - 1)
         onehot = np.zeros((s.size, ECE_BINS))
         onehot[np.arange(s.size), bins] = y - s
         columns = [np.ones_like(s), (pred == y).astype(np.float64), _log_loss_terms(s, y)]
-        self.subsets = []  # (metric prefix, columns or None, labels, run ends or None, first column of M)
-        for prefix, cols in self._subset_columns(a):
+        self.subsets = []  # (metric prefix, rows or None, ranks, first column of M)
+        for prefix, rows in self._subset_rows(a):
             m = np.ones(s.size)
-            if cols is not None:
+            if rows is not None:
                 m = np.zeros(s.size)
-                m[cols] = 1.0
-            sub = s if cols is None else s[cols]
-            ends = np.flatnonzero(np.r_[sub[1:] != sub[:-1], True]) if sub.size else np.zeros(0, np.int64)
+                m[rows] = 1.0
             first = len(columns)
             columns += [m, m * y, m * y * pred, m * (1 - y) * pred, m * pred]
             columns += list((onehot * m[:, None]).T)
-            self.subsets.append(
-                (prefix, cols, y if cols is None else y[cols], None if ends.size == sub.size else ends, first)
-            )
-        self.M = np.stack(columns, axis=1)
+            ranks = _Ranks(s, y) if rows is None else _Ranks(s[rows], y[rows])
+            self.subsets.append((prefix, rows, ranks, first))
+        self.MT = np.stack(columns, axis=0)
 
-    def _subset_columns(self, a):
+    def _subset_rows(self, a):
         yield "", None
         for i, (attr, groups) in enumerate(self.attributes.items()):
             for code, group in enumerate(groups):
                 yield f"{attr}/{{}}/{group_key(group)}", np.flatnonzero(a[:, i] == code)
 
-    def compute(self, W: np.ndarray) -> dict[str, np.ndarray]:
-        """Every metric as a (R,) array for weights W (R, N) in this plan's sample order."""
-        M = self.M if W.dtype == np.float64 else self.M.astype(W.dtype)
-        S = W @ M
-        rows = W.shape[0]
+    def strata(self) -> list[np.ndarray]:
+        """Positions (in plan order) of each cell of label x every attribute's code (-1 included):
+        a stratified resample redraws each cell within itself, so every resample holds every
+        group with its exact numbers of positives and negatives."""
+        keys = np.concatenate([self.y[:, None].astype(np.int64), self.a], axis=1)
+        _, cell = np.unique(keys, axis=0, return_inverse=True)
+        cell = cell.ravel()
+        order = np.argsort(cell, kind="stable")
+        bounds = np.flatnonzero(np.diff(cell[order])) + 1
+        return np.split(order, bounds)
+
+    def compute(self, C: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric as an (R,) array for sample counts C (N, R) int32 in this plan's order."""
+        S = (self.MT @ C).T
+        rows = C.shape[1]
         out: dict[str, np.ndarray] = {}
-        for prefix, cols, y, ends, c in self.subsets:
+        for prefix, sub, ranks, c in self.subsets:
             n, pos, tp, fp, sel = (S[:, c + k] for k in range(5))
             ece = _ratio(np.abs(S[:, c + 5 : c + 5 + ECE_BINS]).sum(axis=1), n)
-            overall = cols is None
-            Wg = W if overall else W[:, cols]
-            if y.size:
-                auc, ap = _rank_metrics(y, Wg, ends, with_ap=overall)
-            else:
-                auc, ap = np.full(rows, np.nan), None
+            Cs = C if sub is None else C[sub]
+            auc = ranks.auc(Cs) if ranks.pos.size else np.full(rows, np.nan)
             values = {"auc": auc, "tpr": _ratio(tp, pos), "fpr": _ratio(fp, n - pos), "ece": ece}
-            if overall:
-                values.update(ap=ap, accuracy=_ratio(S[:, 1], n), bce=_ratio(S[:, 2], n))
+            if sub is None:
+                values.update(ap=ranks.average_precision(Cs), accuracy=_ratio(S[:, 1], n), bce=_ratio(S[:, 2], n))
                 out.update(values)
             else:
                 values["selection_rate"] = _ratio(sel, n)
@@ -159,7 +183,7 @@ class _Plan:
         for attr, groups in self.attributes.items():
             keys = [group_key(g) for g in groups]
             per = {
-                name: [out[f"{attr}/{name}/{g}"] for g in keys if self.defined.get(f"{attr}/{name}/{g}", True)]
+                name: [out[f"{attr}/{name}/{g}"] for g in keys if self.included.get(f"{attr}/{name}/{g}", True)]
                 for name in ("auc", "tpr", "fpr", "selection_rate")
             }
             gaps = {name: _gap(vs, rows) for name, vs in per.items()}
@@ -180,31 +204,43 @@ class _Plan:
 
 # --------------------------------------------------------------------------- public API
 
+MIN_GROUP_COUNT = 20
+"""Default minimum numbers of positives and of negatives a group needs to enter a gap."""
+
 
 @dataclass
 class Report:
     """The metrics of one split.
 
-    ``values`` maps each metric key to its value (NaN where missing); ``ci`` maps keys to
+    ``values`` maps each metric key to its value (NaN where undefined); ``ci`` maps keys to
     (low, high) 95% bootstrap bounds when a bootstrap was run; ``counts`` holds the number of
-    samples per group (``sex/n/female``); ``warnings`` says which metrics are missing and why.
+    samples, positives and negatives per group (``sex/n/female``, ``sex/n_pos/female``,
+    ``sex/n_neg/female``); ``too_small`` lists the groups left out of the gaps for lack of
+    samples (``{"attr": ..., "group": ..., "n_pos": ..., "n_neg": ..., "metrics": [...]}``);
+    ``warnings`` says which metrics are missing or left out and why.
     """
 
     values: dict[str, float]
     counts: dict[str, int]
     threshold: float
+    min_count: int = MIN_GROUP_COUNT
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    too_small: list[dict] = field(default_factory=list)
+    bootstrap_excluded: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def flat(self) -> dict[str, float]:
-        """Defined values, CI bounds (``<key>_ci_low`` / ``_ci_high``), counts and threshold."""
+        """Defined values, CI bounds (``<key>_ci_low`` / ``_ci_high``), counts, threshold, minimum."""
         out = {k: v for k, v in self.values.items() if np.isfinite(v)}
         for k, (lo, hi) in self.ci.items():
             if np.isfinite(lo) and np.isfinite(hi):
                 out[f"{k}_ci_low"] = lo
                 out[f"{k}_ci_high"] = hi
         out.update({k: float(v) for k, v in self.counts.items()})
+        for entry in self.too_small:
+            out[f"{entry['attr']}/too_small/{group_key(entry['group'])}"] = 1.0
         out["threshold"] = self.threshold
+        out["min_group_count"] = float(self.min_count)
         return out
 
 
@@ -215,15 +251,24 @@ def _as_arrays(scores, labels, attrs, attributes):
         raise ValueError(f"scores has {s.size} values but labels has {y.size}")
     if not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("labels must be 0 or 1")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
     a = np.asarray(attrs, dtype=np.int64).reshape(s.size, -1) if attributes else np.zeros((s.size, 0), np.int64)
     if a.shape[1] != len(attributes):
         raise ValueError(f"attrs has {a.shape[1]} columns but {len(attributes)} attributes are named")
     return s, y, a
 
 
-def _undefined(y, attrs, attributes) -> tuple[dict[str, bool], list[str]]:
-    """Which group metrics are defined on the full sample, and a warning for each that is not."""
+_NEEDS = {"tpr": (1, 0), "fpr": (0, 1), "auc": (1, 1), "selection_rate": (1, 1), "ece": (1, 1)}
+"""Per group metric: whether it needs the minimum of positives and/or of negatives to enter a gap."""
+
+
+def _group_rules(y, attrs, attributes, min_count) -> tuple[dict[str, bool], dict[str, bool], list[dict], list[str]]:
+    """Which group metrics are defined (computable), which enter the gaps (defined and the group
+    has the minimum counts), the too-small groups, and a warning for each metric left out."""
     defined: dict[str, bool] = {}
+    included: dict[str, bool] = {}
+    small: list[dict] = []
     warnings: list[str] = []
     for a, (attr, groups) in enumerate(attributes.items()):
         for code, group in enumerate(groups):
@@ -231,16 +276,26 @@ def _undefined(y, attrs, attributes) -> tuple[dict[str, bool], list[str]]:
             n_pos = int(y[m].sum())
             n_neg = int(m.sum()) - n_pos
             g = group_key(group)
-            defined[f"{attr}/tpr/{g}"] = n_pos > 0
-            defined[f"{attr}/fpr/{g}"] = n_neg > 0
-            defined[f"{attr}/auc/{g}"] = n_pos > 0 and n_neg > 0
-            defined[f"{attr}/selection_rate/{g}"] = n_pos + n_neg > 0
-            defined[f"{attr}/ece/{g}"] = n_pos + n_neg > 0
+            has = {"tpr": n_pos > 0, "fpr": n_neg > 0}
+            has.update(auc=has["tpr"] and has["fpr"], selection_rate=n_pos + n_neg > 0, ece=n_pos + n_neg > 0)
+            left_out = []
+            for name, (need_pos, need_neg) in _NEEDS.items():
+                defined[f"{attr}/{name}/{g}"] = has[name]
+                enough = (not need_pos or n_pos >= min_count) and (not need_neg or n_neg >= min_count)
+                included[f"{attr}/{name}/{g}"] = has[name] and enough
+                if has[name] and not enough:
+                    left_out.append(name)
             if n_pos == 0 or n_neg == 0:
                 lacking = "samples" if n_pos + n_neg == 0 else ("positives" if n_pos == 0 else "negatives")
                 missing = {"positives": "TPR and AUC", "negatives": "FPR and AUC"}.get(lacking, "every metric")
                 warnings.append(f"{attr}={group} has no {lacking}: its {missing} are missing, not 0")
-    return defined, warnings
+            if left_out and n_pos + n_neg > 0:
+                small.append({"attr": attr, "group": group, "n_pos": n_pos, "n_neg": n_neg, "metrics": left_out})
+                warnings.append(
+                    f"{attr}={group} is too small ({n_pos} positives, {n_neg} negatives; minimum {min_count} "
+                    f"of each): left out of the gaps of {', '.join(left_out)}"
+                )
+    return defined, included, small, warnings
 
 
 def evaluate(
@@ -253,6 +308,7 @@ def evaluate(
     n_bootstrap: int = 0,
     seed: int = 0,
     confidence: float = 0.95,
+    min_count: int = MIN_GROUP_COUNT,
 ) -> Report:
     """All overall and per-attribute metrics of one split.
 
@@ -266,51 +322,88 @@ def evaluate(
     n_bootstrap : number of bootstrap resamples for the confidence intervals (0: none).
     seed : seed of the resampling.
     confidence : coverage of the percentile intervals.
+    min_count : a group enters a gap only with at least this many positives (TPR), negatives
+        (FPR) or both (AUC, selection rate, ECE); smaller groups keep their own values, are
+        listed in ``too_small`` and are left out of that gap.
+
+    The bootstrap is stratified by label x every attribute's group: each resample redraws
+    every such cell within itself, so every group keeps its numbers of positives and
+    negatives and no resample is discarded for lacking a group.
     """
     attributes = dict(attributes or {})
     s, y, a = _as_arrays(scores, labels, attrs, attributes)
-    defined, warnings = _undefined(y, a, attributes)
-    plan = _Plan(s, y, a, attributes, threshold, defined)
-    point = plan.compute(np.ones((1, s.size)))
+    defined, included, small, warnings = _group_rules(y, a, attributes, min_count)
+    plan = _Plan(s, y, a, attributes, threshold, included)
+    point = plan.compute(np.ones((s.size, 1), np.int32))
     values = {k: float(v[0]) for k, v in point.items()}
     for k, ok in defined.items():
         if not ok:
             values[k] = float("nan")
-    counts = {
-        f"{attr}/n/{group_key(g)}": int((a[:, i] == code).sum())
-        for i, (attr, groups) in enumerate(attributes.items())
-        for code, g in enumerate(groups)
-    }
-    report = Report(values=values, counts=counts, threshold=float(threshold), warnings=warnings)
+    counts = {}
+    for i, (attr, groups) in enumerate(attributes.items()):
+        for code, g in enumerate(groups):
+            m = a[:, i] == code
+            n_pos = int(y[m].sum())
+            counts[f"{attr}/n/{group_key(g)}"] = int(m.sum())
+            counts[f"{attr}/n_pos/{group_key(g)}"] = n_pos
+            counts[f"{attr}/n_neg/{group_key(g)}"] = int(m.sum()) - n_pos
+    report = Report(
+        values=values,
+        counts=counts,
+        threshold=float(threshold),
+        min_count=min_count,
+        too_small=small,
+        warnings=warnings,
+    )
     if n_bootstrap > 0 and s.size > 0:
-        report.ci = _bootstrap_ci(plan, values, n_bootstrap, seed, confidence)
+        draws = _draw_all(plan, n_bootstrap, seed)
+        report.ci, report.bootstrap_excluded = _percentile_ci(draws, values, confidence)
     return report
 
 
-def _bootstrap_ci(plan: _Plan, values, n_bootstrap, seed, confidence):
-    """Percentile intervals from resamples drawn directly in the plan's (sorted) order."""
+def _draw_all(plan: _Plan, n_bootstrap: int, seed: int) -> dict[str, np.ndarray]:
+    """Every metric over ``n_bootstrap`` stratified resamples drawn from ``seed``."""
     rng = np.random.default_rng(seed)
-    n = plan.y.size
-    draws: dict[str, list[np.ndarray]] = {k: [] for k in values}
-    for r in _blocks_of(n_bootstrap, n):
-        for k, v in plan.compute(_resample_weights(rng, r, n)).items():
-            draws[k].append(v)
+    strata = plan.strata()
+    parts: dict[str, list[np.ndarray]] = {}
+    for rows in _blocks_of(n_bootstrap, plan.y.size):
+        for k, v in plan.compute(stratified_counts(rng, strata, plan.y.size, rows)).items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _percentile_ci(draws, values, confidence) -> tuple[dict[str, tuple[float, float]], int]:
+    """Percentile intervals of the defined metrics, and the number of resamples in which any
+    of them was undefined (0 under stratified resampling unless scores are degenerate)."""
     alpha = (1.0 - confidence) / 2.0
     ci: dict[str, tuple[float, float]] = {}
-    for k, parts in draws.items():
+    bad = None
+    for k, v in draws.items():
         if not np.isfinite(values[k]):
             continue
-        v = np.concatenate(parts)
-        v = v[np.isfinite(v)]
-        if v.size:
-            lo, hi = np.quantile(v, [alpha, 1.0 - alpha])
+        finite = np.isfinite(v)
+        bad = ~finite if bad is None else bad | ~finite
+        if finite.any():
+            lo, hi = np.quantile(v[finite], [alpha, 1.0 - alpha])
             ci[k] = (float(lo), float(hi))
-    return ci
+    return ci, int(bad.sum()) if bad is not None else 0
+
+
+def stratified_counts(rng: np.random.Generator, strata: list[np.ndarray], n: int, rows: int) -> np.ndarray:
+    """``rows`` stratified bootstrap resamples as draw counts, shape (n, rows), int32: every
+    stratum (an array of positions) is redrawn with replacement within itself."""
+    counts = np.empty((n, rows), np.int32)
+    for members in strata:
+        size = members.size
+        picks = rng.integers(0, size, size=(rows, size), dtype=np.int64)
+        flat = picks + (np.arange(rows, dtype=np.int64) * size)[:, None]
+        counts[members] = np.bincount(flat.ravel(), minlength=rows * size).reshape(rows, size).T
+    return counts
 
 
 def _blocks_of(n_bootstrap: int, n: int) -> list[int]:
-    """Resamples per block, so that one block's weight matrix holds about 8 million entries."""
-    size = max(1, min(n_bootstrap, 8_000_000 // max(n, 1)))
+    """Resamples per block, so that one block's count matrix holds about 4 million entries."""
+    size = max(1, min(n_bootstrap, 4_000_000 // max(n, 1)))
     return [min(size, n_bootstrap - i) for i in range(0, n_bootstrap, size)]
 
 
@@ -322,40 +415,35 @@ def paired_bootstrap(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    min_count: int = MIN_GROUP_COUNT,
 ) -> list[dict[str, np.ndarray]]:
     """Bootstrap draws of every metric for several score vectors on the same samples.
 
     Each entry of ``predictions`` is (scores, threshold) for the same labels and attribute
-    codes; all of them are evaluated on the same resamples, so differences between them are
-    paired. Returns, per entry, metric key -> (n_bootstrap,) array of draws.
+    codes; all of them are evaluated on the same stratified resamples, so differences between
+    them are paired. Returns, per entry, metric key -> (n_bootstrap,) array of draws.
     """
     attributes = dict(attributes)
     _, y, a = _as_arrays(predictions[0][0], labels, attrs, attributes)
-    defined, _ = _undefined(y, a, attributes)
-    plans = [_Plan(np.asarray(s, dtype=np.float64).ravel(), y, a, attributes, t, defined) for s, t in predictions]
+    _, included, _, _ = _group_rules(y, a, attributes, min_count)
+    plans = [_Plan(np.asarray(s, dtype=np.float64).ravel(), y, a, attributes, t, included) for s, t in predictions]
     rng = np.random.default_rng(seed)
+    # strata in sample order (the same for every plan: they depend on labels and codes only)
+    strata = [plans[0].order[m] for m in plans[0].strata()]
     draws: list[dict[str, list[np.ndarray]]] = [{} for _ in plans]
-    for r in _blocks_of(n_bootstrap, y.size):
-        W = _resample_weights(rng, r, y.size)  # in sample order: the same resamples for every plan
+    for rows in _blocks_of(n_bootstrap, y.size):
+        C = stratified_counts(rng, strata, y.size, rows)  # in sample order: the same for every plan
         for out, plan in zip(draws, plans, strict=True):
-            for k, v in plan.compute(W[:, plan.order]).items():
+            for k, v in plan.compute(C[plan.order]).items():
                 out.setdefault(k, []).append(v)
     return [{k: np.concatenate(v) for k, v in out.items()} for out in draws]
-
-
-def _resample_weights(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
-    """``rows`` bootstrap resamples of n samples as draw counts, shape (rows, n), float32
-    (counts are small integers, exact in float32; the point estimate stays in float64)."""
-    idx = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
-    return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float32)
 
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve; NaN unless both classes are present."""
     s, y, _ = _as_arrays(scores, labels, None, {})
     order = np.argsort(s, kind="stable")
-    ends = np.flatnonzero(np.r_[s[order][1:] != s[order][:-1], True])
-    return float(_rank_metrics(y[order], np.ones((1, s.size)), ends, with_ap=False)[0][0])
+    return float(_Ranks(s[order], y[order]).auc(np.ones((s.size, 1), np.int32))[0])
 
 
 def select_threshold(scores, labels, rule: str | float) -> float:

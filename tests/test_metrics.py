@@ -128,25 +128,59 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert flat["auc_ci_low"] == r1.ci["auc"][0]
 
 
-def test_bootstrap_weights_equal_sklearn_on_the_resample():
-    # the weighted kernels must equal scikit-learn on the materialised resample
+def test_bootstrap_counts_equal_sklearn_on_the_resample():
+    # the integer-count kernels must equal scikit-learn on the materialised resample, exactly
     from fairbench import metrics
 
     s, y, a = random_data(n=200, seed=9, ties=True)
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(s), len(s))
-    W = np.bincount(idx, minlength=len(s)).astype(float)[None, :]
     plan = metrics._Plan(s, y.astype(float), a, ATTRS, 0.5, {})
-    out = plan.compute(W[:, plan.order])
-    assert out["auc"][0] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
-    assert out["ap"][0] == pytest.approx(average_precision_score(y[idx], s[idx]), abs=1e-12)
-    assert out["bce"][0] == pytest.approx(log_loss(y[idx], s[idx]), abs=1e-12)
-    group = a[idx, 0] == 1
-    assert out["site/auc/b"][0] == pytest.approx(roc_auc_score(y[idx][group], s[idx][group]), abs=1e-12)
-    # the float32 path of the bootstrap agrees with the float64 one
-    out32 = plan.compute(W[:, plan.order].astype(np.float32))
-    assert out32["auc"][0] == pytest.approx(out["auc"][0], abs=1e-5)
-    assert out32["ap"][0] == pytest.approx(out["ap"][0], abs=1e-5)
+    C = metrics.stratified_counts(np.random.default_rng(0), plan.strata(), len(s), 4)
+    out = plan.compute(C)
+    for r in range(4):
+        idx = plan.order[np.repeat(np.arange(len(s)), C[:, r])]
+        assert out["auc"][r] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
+        assert out["ap"][r] == pytest.approx(average_precision_score(y[idx], s[idx]), abs=1e-12)
+        assert out["bce"][r] == pytest.approx(log_loss(y[idx], s[idx]), abs=1e-12)
+        group = a[idx, 0] == 1
+        assert out["site/auc/b"][r] == pytest.approx(roc_auc_score(y[idx][group], s[idx][group]), abs=1e-12)
+        tpr = true_positive_rate(y[idx][group], s[idx][group] >= 0.5)
+        assert out["site/tpr/b"][r] == pytest.approx(tpr, abs=1e-12)
+
+
+def test_bootstrap_is_stratified_by_group_and_label():
+    from fairbench import metrics
+
+    s, y, a = random_data(n=300, seed=3)
+    plan = metrics._Plan(s, y.astype(float), a, ATTRS, 0.5, {})
+    C = metrics.stratified_counts(np.random.default_rng(1), plan.strata(), len(s), 50)
+    ys, sites = plan.y, plan.a[:, 0]
+    for code in range(4):
+        for label in (0, 1):
+            cell = (sites == code) & (ys == label)
+            # every resample holds exactly as many draws of this group and label as the data
+            assert (C[cell].sum(axis=0) == cell.sum()).all()
+    assert C.sum(axis=0).tolist() == [len(s)] * 50
+    assert len({tuple(C[:, r]) for r in range(50)}) == 50  # and the resamples differ
+
+
+def test_small_group_is_reported_and_left_out_of_the_gaps():
+    s, y, a = random_data(n=600, seed=11)
+    tiny = np.flatnonzero(a[:, 0] == 3)
+    keep = np.r_[np.flatnonzero(a[:, 0] != 3), tiny[y[tiny] == 1][:1], tiny[y[tiny] == 0][:4]]
+    s, y, a = s[keep], y[keep], a[keep]
+    r = evaluate(s, y, a, ATTRS, n_bootstrap=200, seed=0, min_count=20)
+    assert r.counts["site/n/d"] == 5 and r.counts["site/n_pos/d"] == 1 and r.counts["site/n_neg/d"] == 4
+    assert [e["group"] for e in r.too_small] == ["d"]
+    assert any("site=d is too small (1 positives, 4 negatives" in w for w in r.warnings)
+    others = [r.values[f"site/tpr/{g}"] for g in "abc"]
+    assert r.values["site/tpr_gap"] == pytest.approx(max(others) - min(others))
+    assert not np.isnan(r.values["site/tpr/d"])  # its own value is kept, with its counts
+    assert r.bootstrap_excluded == 0
+    lo, hi = r.ci["site/tpr_gap"]
+    assert lo <= r.values["site/tpr_gap"] <= hi
+    assert r.flat()["site/too_small/d"] == 1.0 and r.flat()["min_group_count"] == 20.0
+    # with a lower minimum the group counts again
+    assert evaluate(s, y, a, ATTRS, min_count=1).too_small == []
 
 
 def test_threshold_rules_against_brute_force():
