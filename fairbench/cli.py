@@ -248,6 +248,20 @@ _RUN_OPTIONS = [
         show_default=True,
         help="Bootstrap resamples for the test confidence intervals.",
     ),
+    click.option(
+        "--select",
+        type=click.Choice(["val_auc", "worst_group_auc", "val_loss"]),
+        default="val_auc",
+        show_default=True,
+        help="Validation rule that picks the epoch (and drives early stopping); worst_group_auc uses --attribute.",
+    ),
+    click.option(
+        "--min-group-count",
+        type=click.IntRange(min=1),
+        default=20,
+        show_default=True,
+        help="A group enters a gap only with this many positives (TPR) / negatives (FPR) / both (AUC).",
+    ),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option(
         "--num-workers",
@@ -311,6 +325,7 @@ TRAIN_OPTIONS = (
     "device",
     "num_workers",
     "compile",
+    "select",
 )
 
 

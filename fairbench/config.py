@@ -37,6 +37,7 @@ class RunConfig:
     attribute: str | None = None
     threshold: str = "0.5"
     bootstrap: int = 1000
+    min_group_count: int = 20
     label_bias: str | None = None
     track_nc: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)

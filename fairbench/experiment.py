@@ -32,10 +32,13 @@ class ExperimentResult:
 
 def _check_threshold(rule: str) -> None:
     try:
-        float(rule)
+        value = float(rule)
     except ValueError:
         if rule not in THRESHOLD_RULES:
-            raise FairbenchError(f"--threshold {rule}: use a number such as 0.5, 'youden' or 'f1'") from None
+            raise FairbenchError(f"--threshold {rule}: use a number in [0, 1] such as 0.5, 'youden' or 'f1'") from None
+        return
+    if not 0.0 <= value <= 1.0:  # also refuses nan and inf
+        raise FairbenchError(f"--threshold {rule}: a fixed threshold is a probability in [0, 1], e.g. 0.5")
 
 
 def predictions_frame(pred: Predictions, attributes: list[str]) -> pd.DataFrame:
@@ -149,7 +152,14 @@ def run_experiment(
         )
         threshold = select_threshold(result.val.scores, result.val.labels, config.threshold)
         attrs = splits.attributes
-        val = evaluate(result.val.scores, result.val.labels, result.val.attrs, attrs, threshold=threshold)
+        val = evaluate(
+            result.val.scores,
+            result.val.labels,
+            result.val.attrs,
+            attrs,
+            threshold=threshold,
+            min_count=config.min_group_count,
+        )
         tracking.log_metrics(val.flat(), prefix="val/")
         tracking.log_metrics(
             {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "train_seconds": result.seconds}
@@ -164,6 +174,7 @@ def run_experiment(
                 threshold=threshold,
                 n_bootstrap=config.bootstrap,
                 seed=config.train.seed,
+                min_count=config.min_group_count,
             )
             tracking.log_metrics(test.flat(), prefix="test/")
             neurons = neuron_incidence(

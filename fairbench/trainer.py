@@ -1,7 +1,8 @@
 """One training loop for every method.
 
-Adam or AdamW; early stopping on validation AUC with patience; the best epoch's weights are
-restored; validation and test predictions come from that epoch. Seeding covers Python, NumPy,
+Adam or AdamW; early stopping with patience on a validation selection rule (``val_auc`` by
+default, ``worst_group_auc`` or ``val_loss``); the best epoch's weights are restored;
+validation and test predictions come from that epoch. Seeding covers Python, NumPy,
 torch and the loader. On CUDA the forward pass runs under bf16 autocast in channels_last layout.
 """
 
@@ -43,6 +44,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int | None = None
     compile: bool = False
+    select: Literal["val_auc", "worst_group_auc", "val_loss"] = "val_auc"
 
 
 @dataclass
@@ -153,6 +155,31 @@ def predict(
     return torch.cat(scores).cpu().numpy(), torch.cat(feats).cpu().numpy() if features else None
 
 
+SELECTION_RULES = ("val_auc", "worst_group_auc", "val_loss")
+
+
+def selection_score(rule: str, scores: np.ndarray, labels: np.ndarray, groups: np.ndarray | None) -> float:
+    """The validation score an epoch is selected on (higher is better).
+
+    ``val_auc``: AUC; ``worst_group_auc``: the lowest AUC over the groups of the training
+    attribute that have both classes (``groups`` holds their codes, -1 unknown); ``val_loss``:
+    minus the binary cross-entropy.
+    """
+    if rule == "val_auc":
+        return roc_auc(scores, labels)
+    if rule == "val_loss":
+        p = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, 1 - 1e-12)
+        y = np.asarray(labels, dtype=np.float64)
+        return float(np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    if rule == "worst_group_auc":
+        if groups is None:
+            raise FairbenchError("--select worst_group_auc needs an attribute; pass --attribute")
+        aucs = [roc_auc(scores[groups == g], labels[groups == g]) for g in np.unique(groups[groups >= 0])]
+        aucs = [a for a in aucs if np.isfinite(a)]
+        return min(aucs) if aucs else float("nan")
+    raise FairbenchError(f"--select {rule}: use one of {', '.join(SELECTION_RULES)}")
+
+
 def _head_weight(method: Method) -> np.ndarray:
     return method.backbone.net.get_classifier().weight.detach().float().cpu().numpy()
 
@@ -241,7 +268,9 @@ def fit(
     }
     if on_features is not None:
         loaders["train_eval"] = make_loader(train, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin)
-    best_auc, best_epoch, best_state, best_val = -np.inf, -1, None, None
+    best_score, best_auc, best_epoch, best_state, best_val = -np.inf, np.nan, -1, None, None
+    val_labels = np.asarray(splits.val.labels)
+    val_groups = np.asarray(splits.val.attrs)[:, attr_col] if attr_col is not None else None
     history: list[dict[str, float]] = []
     stale = 0
     with _Reporter(config.epochs, steps, progress) as reporter:
@@ -276,16 +305,18 @@ def fit(
                 train_scores, train_features = predict(method, loaders["train_eval"], transform, device, True)
                 on_features("train", epoch, train_features, train_scores, head)
                 on_features("val", epoch, val_features, val_scores, head)
-            val_auc = roc_auc(val_scores, splits.val.labels)
+            val_auc = roc_auc(val_scores, val_labels)
+            score = selection_score(config.select, val_scores, val_labels, val_groups)
             values = {f"train/{k}": float(v) / seen for k, v in sums.items()}
             values["val/epoch_auc"] = val_auc
+            values["val/epoch_select"] = score
             values["epoch_seconds"] = time.perf_counter() - t0
             history.append(values)
             reporter.epoch(epoch, values)
             if on_epoch is not None:
                 on_epoch(epoch, values)
-            if val_auc > best_auc:
-                best_auc, best_epoch, stale = val_auc, epoch, 0
+            if score > best_score or best_state is None:
+                best_score, best_auc, best_epoch, stale = score, val_auc, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
                 best_val = val_scores
             else:

@@ -107,6 +107,25 @@ def test_cli_usage_errors_are_one_line_exit_2(args, message, tmp_path):
     assert len(out.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "nan"], "--threshold nan: a fixed threshold is a probability in [0, 1]"),
+        (["--threshold", "inf"], "--threshold inf: a fixed threshold is a probability in [0, 1]"),
+        (["--threshold", "1.5"], "--threshold 1.5: a fixed threshold is a probability in [0, 1]"),
+        (["-m", "adversarial", "-o", "lambda_adv=-1"], "-1.0 is outside its range [0, inf)"),
+        (["-m", "nir", "-o", "lambda_nir=nan"], "option lambda_nir of method 'nir': nan is not a finite number"),
+        (["-m", "reweight", "-o", "power=inf"], "option power of method 'reweight': inf is not a finite number"),
+    ],
+)
+def test_bad_numbers_are_refused_before_training(args, message, tmp_path):
+    out = CliRunner().invoke(main, ["run", *args, "--results-dir", str(tmp_path)])
+    assert out.exit_code == 1
+    assert message in out.output
+    assert "Traceback" not in out.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_help_and_list_stay_light():
     code = "import sys, fairbench.cli; assert 'torch' not in sys.modules and 'mlflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

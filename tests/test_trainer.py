@@ -1,6 +1,7 @@
 from typing import ClassVar
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +10,7 @@ from torch.utils.data import SubsetRandomSampler
 from fairbench.data import DeviceTransform, Split, Splits, make_loader
 from fairbench.method import Method
 from fairbench.model import create_backbone
-from fairbench.trainer import TrainConfig, fit, seed_everything
+from fairbench.trainer import TrainConfig, fit, seed_everything, selection_score
 
 
 def tiny_splits(n=64, seed=0):
@@ -174,3 +175,27 @@ def test_identity_augmentation_equals_evaluation_transform():
     )
     images = torch.randint(0, 255, (3, 3, 16, 16), dtype=torch.uint8)
     assert torch.allclose(tf(images, train=True), tf(images, train=False), atol=1e-5)
+
+
+def test_selection_rules_against_sklearn():
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0.01, 0.99)
+    g = rng.integers(-1, 3, 200)
+    assert selection_score("val_auc", s, y, g) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert selection_score("val_loss", s, y, g) == pytest.approx(-log_loss(y, s), abs=1e-12)
+    worst = min(roc_auc_score(y[g == k], s[g == k]) for k in range(3))
+    assert selection_score("worst_group_auc", s, y, g) == pytest.approx(worst, abs=1e-12)
+
+
+def test_the_epoch_is_selected_by_the_rule_and_logged():
+    splits = tiny_splits(seed=4)
+    seen = []
+    config = TrainConfig(epochs=4, patience=0, batch_size=16, num_workers=0, device="cpu", select="val_loss")
+    result = run(Method, splits, config=config, on_epoch=lambda e, v: seen.append(v))
+    chosen = [v["val/epoch_select"] for v in seen]
+    assert result.best_epoch == int(np.argmax(chosen))
+    assert chosen[result.best_epoch] == max(chosen)
+    assert all(v["val/epoch_select"] <= 0 for v in seen)  # minus the validation loss
