@@ -457,8 +457,9 @@ def suite(path: str, results_dir: str, tracking_uri: str | None, storage: str | 
         datasets=(),
         attributes=(),
         metrics=(),
-        fmt="table",
+        fmt=None,
         bootstrap=1000,
+        correction="bh",
         plots=True,
     )
 
@@ -476,16 +477,22 @@ def suite(path: str, results_dir: str, tracking_uri: str | None, storage: str | 
     "--format",
     "fmt",
     type=click.Choice(["table", "markdown", "csv", "json", "latex"]),
-    default="table",
-    show_default=True,
-    help="What to print.",
+    default=None,
+    help="What to print [default: a table fitted to the terminal, markdown when not a terminal].",
 )
 @click.option(
     "--bootstrap",
     type=click.IntRange(min=100),
     default=1000,
     show_default=True,
-    help="Paired-bootstrap resamples for the comparison with ERM.",
+    help="Paired-bootstrap resamples of the test set for the comparison with ERM.",
+)
+@click.option(
+    "--correction",
+    type=click.Choice(["bh", "holm", "none"]),
+    default="bh",
+    show_default=True,
+    help="Multiplicity adjustment over every comparison in the table (Benjamini–Hochberg, Holm, none).",
 )
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
 @click.option("--suite", default=None, help="Only the runs of this suite.")
@@ -496,8 +503,10 @@ def suite(path: str, results_dir: str, tracking_uri: str | None, storage: str | 
     help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
 )
 @_fail_cleanly
-def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, suite, results_dir, tracking_uri) -> None:
-    """Compare the finished runs: mean ± std over seeds, significance vs ERM, ranks, plots.
+def leaderboard(
+    datasets, attributes, metrics, fmt, bootstrap, correction, plots, suite, results_dir, tracking_uri
+) -> None:
+    """Compare the finished runs: one row per configuration, significance vs ERM, ranks, plots.
 
     Always writes <results-dir>/leaderboard.md and leaderboard.csv, and the plots under
     <results-dir>/plots/.
@@ -508,18 +517,20 @@ def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, suite, res
     from fairbench.tracking import resolve_tracking_uri
 
     runs = lb.load_runs(resolve_tracking_uri(results_dir, tracking_uri), suite=suite)
-    board = lb.build(runs, n_bootstrap=bootstrap)
+    board = lb.build(runs, n_bootstrap=bootstrap, correction=correction)
     table, shown = lb.filtered(board, datasets, attributes, metrics)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = lb.to_markdown(table, board.ranks, shown)
+    markdown = lb.to_markdown(table, board.ranks, shown, board.notes, correction)
+    if fmt is None:
+        fmt = "table" if _console().is_terminal else "markdown"
     (out / "leaderboard.md").write_text(markdown)
-    table.to_csv(out / "leaderboard.csv", index=False)
+    table.drop(columns="config").to_csv(out / "leaderboard.csv", index=False)
     written = lb.plot(table, runs, out / "plots") if plots else []
     if fmt == "markdown":
         click.echo(markdown)
     elif fmt == "csv":
-        click.echo(table.to_csv(index=False), nl=False)
+        click.echo(table.drop(columns="config").to_csv(index=False), nl=False)
     elif fmt == "json":
         import json
 
@@ -528,33 +539,42 @@ def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, suite, res
     elif fmt == "latex":
         click.echo(lb.to_latex(table, shown))
     else:
-        _print_leaderboard(lb, table, board.ranks, shown)
+        print_leaderboard(_console(), table, board.ranks, shown, correction)
     note = f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}"
     click.echo(note + (f" and {len(written)} plots in {out / 'plots'}" if written else ""), err=True)
     if board.skipped:
         click.echo(f"skipped {board.skipped} run(s) without test metrics (failed, interrupted or older)", err=True)
-    for line in board.notes:
-        click.echo(f"note: {line}", err=True)
+    if fmt != "markdown":  # the markdown carries the notes itself
+        for line in board.notes:
+            click.echo(f"note: {line}", err=True)
 
 
-def _print_leaderboard(lb, table, ranks, shown) -> None:
+def print_leaderboard(console: Any, table: Any, ranks: Any, shown: list[str], correction: str) -> None:
+    """The leaderboard as boxed tables fitted to the console's width; no cell is ever broken."""
     from rich.table import Table
 
-    console = _console()
+    from fairbench import leaderboard as lb
+
+    width = console.width
     shown_frame = lb.display_frame(table, shown)
     for dataset, part in shown_frame.groupby("dataset", sort=True):
-        rich_table = Table(title=dataset, caption=lb.FOOTNOTE, caption_justify="left")
-        for col in part.columns.drop("dataset"):
-            rich_table.add_column(str(col), overflow="fold")
-        for row in part.drop(columns="dataset").itertuples(index=False):
+        fitted, hidden = lb.fit_columns(part.drop(columns="dataset"), width)
+        rich_table = Table(title=str(dataset))
+        for col in fitted.columns:
+            rich_table.add_column(str(col), no_wrap=True, overflow="ellipsis")
+        for row in fitted.itertuples(index=False):
             rich_table.add_row(*[str(v) for v in row])
         console.print(rich_table)
+        if hidden:
+            console.print(f"not shown at this width: {', '.join(hidden)} (--format markdown or csv shows all)")
+    ranked, _ = lb.fit_columns(ranks[["method", *shown]].round(2).rename(columns=lb.LABELS), width)
     rank_table = Table(title="average rank (1 = best)")
-    for col in ["method", *shown]:
-        rank_table.add_column(col)
-    for row in ranks[["method", *shown]].itertuples(index=False):
-        rank_table.add_row(row[0], *[f"{v:.2f}" for v in row[1:]])
+    for col in ranked.columns:
+        rank_table.add_column(str(col), no_wrap=True, overflow="ellipsis")
+    for row in ranked.itertuples(index=False):
+        rank_table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
     console.print(rank_table)
+    console.print(lb.footnote(correction), soft_wrap=False)
 
 
 @main.group()

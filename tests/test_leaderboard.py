@@ -24,16 +24,18 @@ def scores(separation, seed):
     return 1 / (1 + np.exp(-(separation * (LABELS - 0.5) + noise)))
 
 
-def log_run(uri, results, method, seed, s, uses=False, kind="run", status="FINISHED"):
+def log_run(uri, results, method, seed, s, uses=False, kind="run", status="FINISHED", params=None, codes=CODES):
     experiment = tracking.experiment_id("synthetic", uri, results)
     tags = tracking.base_tags(
         kind, method=method, dataset="synthetic", seed=seed, backbone="resnet18", uses_attributes=uses
     )
-    report = evaluate(s, LABELS, CODES, ATTRS, threshold=0.5)
+    report = evaluate(s, LABELS, codes, ATTRS, threshold=0.5)
     with tracking.tracked_run(experiment, f"{method}-{seed}", tags) as run:
+        if params:
+            tracking.log_params(params)
         if status == "FINISHED":
             tracking.log_metrics(report.flat(), prefix="test/")
-            tracking.log_table(predictions_frame(Predictions(s, LABELS, CODES), list(ATTRS)), "predictions_test.csv")
+            tracking.log_table(predictions_frame(Predictions(s, LABELS, codes), list(ATTRS)), "predictions_test.csv")
     return run.info.run_id, report
 
 
@@ -70,8 +72,9 @@ def test_aggregates_match_the_logged_metrics(store):
     values = [reports[("better", s)].values["sex/tpr_gap"] for s in range(3)]
     assert row["tpr_gap_mean"] == pytest.approx(np.mean(values))
     assert row["tpr_gap_std"] == pytest.approx(np.std(values, ddof=1))
-    assert row["seeds"] == 3 and row["uses_attributes"]
+    assert row["seeds"] == 3 and row["uses_attributes"] and row["shared_seeds"] == 3
     erm_auc = np.mean([reports[("erm", s)].values["auc"] for s in range(3)])
+    assert row["auc_delta"] == pytest.approx(row["auc_mean"] - erm_auc)
     assert row["auc_rel"] == pytest.approx((row["auc_mean"] - erm_auc) / erm_auc)
 
 
@@ -81,7 +84,7 @@ def test_significance_flags_real_differences_only(store):
     table = board.table.set_index(["method", "attribute"])
     assert table.loc[("better", "sex"), "auc_significant"]
     assert table.loc[("better", "sex"), "auc_ci_low"] > 0
-    assert table.loc[("better", "sex"), "auc_paired_p"] < 0.05
+    assert table.loc[("better", "sex"), "auc_p_adj"] < 0.05
     assert not table.loc[("same", "sex"), "auc_significant"]
     assert table.loc[("same", "sex"), "auc_ci_low"] < 0 < table.loc[("same", "sex"), "auc_ci_high"]
     assert pd.isna(table.loc[("erm", "sex"), "auc_significant"])  # ERM is the reference, not compared
@@ -99,9 +102,9 @@ def test_cli_formats_files_and_plots(store):
     base = ["leaderboard", "--results-dir", str(results), "--bootstrap", "200"]
     out = CliRunner().invoke(main, base)
     assert out.exit_code == 0, out.output
-    assert "better" in out.output and "average rank" in out.output
+    assert "better" in out.output and "Average rank" in out.output
     markdown = (results / "leaderboard.md").read_text()
-    assert "## synthetic" in markdown and "| better |" in markdown and "*)" in markdown
+    assert "## synthetic" in markdown and "| better |" in markdown and "*" in markdown
     assert len(pd.read_csv(results / "leaderboard.csv")) == 6  # 3 methods x 2 attributes
     assert sorted(p.name for p in (results / "plots").iterdir()) == [
         "synthetic_age_rates.png",
@@ -110,7 +113,7 @@ def test_cli_formats_files_and_plots(store):
         "synthetic_sex_tradeoff.png",
     ]
     md = CliRunner().invoke(main, [*base, "--format", "markdown", "--metric", "auc", "--metric", "eo_gap"])
-    assert "| AUC | EO gap |" in md.output and "TPR gap" not in md.output
+    assert "| AUC | Δ AUC | EO gap | Δ EO gap |" in md.output and "TPR gap" not in md.output
     csv = CliRunner().invoke(main, [*base, "--format", "csv", "--attribute", "sex"])
     assert set(pd.read_csv(pd.io.common.StringIO(csv.stdout))["attribute"]) == {"sex"}
     js = json.loads(CliRunner().invoke(main, [*base, "--format", "json"]).stdout)
@@ -149,3 +152,100 @@ def test_unknown_metric_filter(store):
     results, _, _ = store
     out = CliRunner().invoke(main, ["leaderboard", "--results-dir", str(results), "--metric", "acc"])
     assert out.exit_code == 1 and "not a headline metric" in out.output
+
+
+def test_compare_and_adjust_by_hand():
+    from scipy import stats
+
+    diffs = np.array([0.02, 0.05, 0.03])
+    mean, p, _lo, hi = lb.compare(diffs, test_var=1e-4)
+    seed_part = np.var(diffs, ddof=1) / 3
+    se = np.sqrt(seed_part + 1e-4)
+    df = (seed_part + 1e-4) ** 2 / (seed_part**2 / 2)
+    assert mean == pytest.approx(diffs.mean())
+    assert p == pytest.approx(2 * stats.t.sf(diffs.mean() / se, df))
+    assert hi - mean == pytest.approx(stats.t.ppf(0.975, df) * se)
+    assert np.isnan(lb.compare(diffs[:2], 1e-4)[1])  # fewer than MIN_SEEDS shared seeds: no test
+    p_values = np.array([0.01, 0.04, np.nan, 0.03, 0.2])
+    holm = lb.adjust(p_values, "holm")
+    assert holm[[0, 3, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    bh = lb.adjust(p_values, "bh")
+    assert bh[[0, 3, 1, 4]] == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
+    assert np.isnan(holm[2]) and np.isnan(bh[2])
+
+
+def test_different_experiments_are_separate_rows_and_duplicates_are_reported(tmp_path):
+    # the four-run store: ERM clean; ERM label-biased with youden; reweight on sex; reweight on age
+    results = tmp_path / "results"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    base = {"backbone": "resnet18", "threshold": "0.5", "label_bias": "None", "epochs": "10", "attribute": "sex"}
+    log_run(uri, results, "erm", 0, scores(1.0, 0), params=base)
+    biased = {**base, "label_bias": "sex=female:1.0", "threshold": "youden"}
+    log_run(uri, results, "erm", 1, scores(1.0, 1), params=biased)
+    log_run(uri, results, "reweight", 0, scores(2.0, 2), uses=True, params=base)
+    log_run(uri, results, "reweight", 0, scores(2.0, 3), uses=True, params={**base, "attribute": "age"})
+    runs = lb.load_runs(uri)
+    assert len(runs.frame) == 4 and runs.notes == []
+    table = lb.build(runs, n_bootstrap=100).table
+    sex = table[table["attribute"] == "sex"]
+    assert len(sex) == 4  # four configurations, none merged, none dropped
+    assert (sex["seeds"] == 1).all()
+    settings = dict(zip(sex["method"] + "|" + sex["setting"], sex["auc_mean"], strict=True))
+    assert set(settings) == {
+        "erm|label_bias=None, threshold=0.5",
+        "erm|label_bias=sex=female:1.0, threshold=youden",
+        "reweight|attribute=sex, label_bias=None, threshold=0.5",
+        "reweight|attribute=age, label_bias=None, threshold=0.5",
+    }
+    # a repeated seed keeps its latest run and says so
+    latest = log_run(uri, results, "erm", 0, scores(1.0, 5), params=base)[0]
+    again = lb.load_runs(uri)
+    assert len(again.frame) == 4
+    assert latest in set(again.frame["run_id"])
+    assert any("seed 0 ran 2 times" in n and latest[:8] in n for n in again.notes)
+
+
+def test_minimum_shared_seeds_and_small_groups_are_noted(tmp_path):
+    results = tmp_path / "results"
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    codes = CODES.copy()
+    codes[np.flatnonzero(codes[:, 0] == 0)[5:], 0] = 1  # only five female samples
+    for seed in range(2):
+        log_run(uri, results, "erm", seed, scores(1.0, seed), codes=codes)
+        log_run(uri, results, "better", seed, scores(3.0, 10 + seed), codes=codes)
+    board = lb.build(lb.load_runs(uri), n_bootstrap=100)
+    row = board.table.set_index(["method", "attribute"]).loc[("better", "sex")]
+    assert np.isnan(row["auc_p"]) and row["auc_significant"] is None
+    assert any("2 seed(s) shared with ERM; no test below 3" in n for n in board.notes)
+    assert any("sex group female too small in 2 run(s)" in n for n in board.notes)
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_terminal_table_fits_the_width_and_never_breaks_a_cell(store, width):
+    import io
+
+    from rich.console import Console
+
+    from fairbench.cli import print_leaderboard
+
+    _, uri, _ = store
+    board = lb.build(lb.load_runs(uri), n_bootstrap=100)
+    console = Console(width=width, file=io.StringIO(), force_terminal=False)
+    print_leaderboard(console, board.table, board.ranks, list(lb.HEADLINE), board.correction)
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= width
+    shown, hidden = lb.fit_columns(lb.display_frame(board.table, list(lb.HEADLINE)).drop(columns="dataset"), width)
+    assert {"method", "attribute", "AUC"} <= set(shown.columns)
+    for value in shown.astype(str).to_numpy().ravel():
+        assert value in text  # every cell whole, on one line
+    assert (len(hidden) > 0) == (width < 120) or width == 120
+    if hidden:
+        assert "not shown at this width" in text
+
+
+def test_through_a_pipe_the_leaderboard_is_markdown(store):
+    results, _, _ = store
+    out = CliRunner().invoke(main, ["leaderboard", "--results-dir", str(results), "--bootstrap", "100"])
+    assert out.exit_code == 0
+    assert out.stdout.startswith("# fairbench leaderboard")
+    assert "| method | uses attributes | seeds | attribute | AUC | Δ AUC |" in out.stdout
