@@ -68,3 +68,18 @@ def test_pretrained_file_of_another_architecture_is_a_clear_error(tmp_path):
 def test_unknown_backbone_suggests():
     with pytest.raises(UnknownNameError, match="did you mean 'resnet18'"):
         create_backbone("resnet_18", in_chans=3)
+
+
+class _Payload:
+    """An object a checkpoint must never unpickle."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pretrained_file_is_read_with_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    state = create_backbone("test_resnet", in_chans=3).net.state_dict()
+    torch.save({**state, "payload": _Payload()}, path)
+    with pytest.raises(FairbenchError, match="not a readable checkpoint"):
+        create_backbone("test_resnet", in_chans=3, pretrained_file=path)
