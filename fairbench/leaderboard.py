@@ -20,8 +20,9 @@ needed, otherwise no test is made. The difference is the mean over shared seeds 
 per-seed differences. Its variance has two parts: seed-to-seed variance (the sample variance of
 the per-seed differences over k) and test-sample variance (a paired bootstrap of the saved test
 predictions, stratified by label x group, of the mean difference). The test statistic
-``mean / sqrt(seed part + test part)`` is referred to a t distribution with
-Welch–Satterthwaite degrees of freedom (k - 1 when seed variance dominates). The p-values of
+``mean / sqrt(seed part + test part)`` is referred to a t distribution with k - 1 degrees of
+freedom (the seed part is estimated from k differences; Welch–Satterthwaite's larger degrees
+of freedom made the test anti-conservative with 3 seeds in ``benchmarks/significance.py``). The p-values of
 every comparison in the leaderboard are then adjusted for multiplicity (Benjamini–Hochberg by
 default, Holm on request), and ``*`` marks an adjusted p below 0.05.
 """
@@ -267,7 +268,7 @@ def compare(diffs: np.ndarray, test_var: float) -> tuple[float, float, float, fl
     se = math.sqrt(seed_part + test_part)
     if se == 0:
         return mean, (1.0 if mean == 0 else 0.0), mean, mean
-    df = (seed_part + test_part) ** 2 / (seed_part**2 / (k - 1)) if seed_part > 0 else math.inf
+    df = k - 1
     half = float(stats.t.ppf(1 - ALPHA / 2, df)) * se
     return mean, float(2 * stats.t.sf(abs(mean) / se, df)), mean - half, mean + half
 
