@@ -4,15 +4,21 @@ Each image is a skin-like patch with one lesion. The label is the disease: a pos
 has a ring around it whose contrast varies from faint to clear, so some cases are hard.
 Both sensitive attributes are visible, as they are in real images: ``sex`` shifts the skin
 tint, ``age`` adds fine texture. Two knobs plant the two kinds of bias studied in the
-fairness literature, in the training split only; validation and test are unbiased:
+fairness literature, in the training split and (by default) in the validation split; the test
+split is never biased:
 
 - ``shortcut``: in the training images of the ``shortcut_group`` only, a small square marker
   co-occurs with the label (present on a fraction (1 + shortcut)/2 of its positives and
-  (1 - shortcut)/2 of its negatives); no other image carries it, in any split. A model can
-  learn the marker instead of the disease, and then misses that group's positives at test,
-  where the marker is absent: a spurious correlation.
+  (1 - shortcut)/2 of its negatives); no other image carries it. A model can learn the marker
+  instead of the disease, and then misses that group's positives at test, where the marker is
+  absent: a spurious correlation.
 - ``label_noise``: that fraction of the ``noise_group``'s positive training labels is flipped
   to negative: under-diagnosis, i.e. label bias.
+- ``val_bias``: ``train`` (default) draws the validation split from the training distribution,
+  with the same shortcut and label noise; ``none`` leaves it unbiased like test. A researcher
+  with a biased data source has no unbiased validation set either: selecting epochs, thresholds
+  and hyperparameters on an unbiased one uses the test domain as an oracle and flatters
+  methods. ``none`` gives the earlier behaviour, to measure how much that oracle flatters.
 
 Everything is drawn from ``seed`` (fixed per split), so a dataset is reproducible from its
 options alone.
@@ -21,7 +27,7 @@ options alone.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -66,6 +72,7 @@ class Synthetic(Dataset):
         label_noise: float = 0.4,
         noise_attribute: str = "sex",
         noise_group: str = "female",
+        val_bias: Literal["train", "none"] = "train",
         seed: int = 0,
     ) -> None:
         for name, value in (("shortcut", shortcut), ("label_noise", label_noise), ("prevalence", prevalence)):
@@ -82,11 +89,14 @@ class Synthetic(Dataset):
         self.label_noise = label_noise
         self.noise_col = list(ATTRIBUTES).index(noise_attribute) if noise_attribute in ATTRIBUTES else -1
         self.noise_code = _group_code(noise_attribute, noise_group, "noise_group")
+        if val_bias not in ("train", "none"):
+            raise FairbenchError(f"synthetic option val_bias={val_bias}: use train or none")
+        self.biased = {"train": True, "val": val_bias == "train", "test": False}
         self.seed = seed
 
     def load(self, data_dir: Path, image_size: int) -> Splits:
         splits = {
-            name: self._split(i, n, image_size, biased=name == "train")
+            name: self._split(i, n, image_size, biased=self.biased[name])
             for i, (name, n) in enumerate(self.sizes.items())
         }
         return Splits(

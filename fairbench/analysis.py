@@ -1,17 +1,34 @@
 """Analyses of why a model is unfair: neural collapse per subgroup, neuron incidence, label bias.
 
 Neural collapse (Papyan, Han & Donoho, PNAS 2020), as used per subgroup by Mouheb, Elbatel,
-Klein & Bron (MICCAI 2024), on penultimate features H (N x D) with labels y and K = 2 classes:
+Klein & Bron (MICCAI 2024), on penultimate features H (N x D) with labels y and K = 2 classes.
+Papyan et al. study balanced data, where the global mean μ_G (the mean of all samples) equals
+the mean of the class means and every class carries the same weight in Σ_W. Subgroups of a
+medical dataset are not balanced, and their prevalences differ by design (under-diagnosis
+lowers a group's prevalence), so the sample-weighted forms would measure prevalence instead of
+geometry: with identical class-conditional features, the sample mean moves toward the larger
+class and NC1, NC3 and tr(Σ_W) change with the class ratio alone. We therefore keep the
+balanced-data definitions literally, giving every class equal weight:
 
+- class means μ_k (the sample means of class k); global mean μ_G = (1/K) Σ_k μ_k, the mean of
+  the class means;
+- between-class covariance Σ_B = (1/K) Σ_k (μ_k − μ_G)(μ_k − μ_G)ᵀ;
+- within-class covariance Σ_W = (1/K) Σ_k Σ_k, the average of the per-class covariances
+  Σ_k = (1/n_k) Σ_{i: y_i = k} (h_i − μ_k)(h_i − μ_k)ᵀ;
 - NC1 = tr(Σ_W Σ_B⁺) / K: within-class scatter relative to between-class scatter (0 when every
   sample sits on its class mean);
 - NC3 = ‖W/‖W‖ − M/‖M‖‖_F: distance between the normalised classifier weights (the one-logit
-  head w read as the two class vectors -w/2 and w/2) and the normalised centred class means;
-- NC4: the rate at which the model's prediction differs from the nearest-class-centre rule;
+  head w read as the two class vectors −w/2 and w/2) and the normalised centred class means
+  M = [μ_k − μ_G]_k;
+- NC4: the rate at which the model's prediction differs from the nearest-class-centre rule,
+  averaged over the classes (each class's own rate, weighted equally, as balanced accuracy is);
 - within-class variability tr(Σ_W).
 
-NC2 (equiangular class means) is not reported: with two classes the centred means of a
-balanced problem always point in opposite directions (cosine -1), so it carries no information.
+All of these depend only on the class-conditional distributions of the features (and of the
+predictions), never on how many samples each class has.
+
+NC2 (equiangular class means) is not reported: with two classes the centred means μ_k − μ_G
+always point in opposite directions (cosine −1), so it carries no information.
 
 Neuron incidence (the analysis of Shoby, Palmer & Kurian 2026, arXiv 2605.19393): per
 penultimate neuron, the prediction-weighted mean activation under positive predictions
@@ -36,7 +53,9 @@ EPS = 1e-12
 def neural_collapse(
     features: np.ndarray, labels: np.ndarray, predictions: np.ndarray, head: np.ndarray
 ) -> dict[str, float]:
-    """NC1, NC3, NC4 and within-class variability of one set of samples (both classes needed).
+    """NC1, NC3, NC4 and within-class variability of one set of samples (both classes needed),
+    with every class weighted equally (see the module docstring), so the values do not move with
+    class prevalence.
 
     ``predictions`` are the model's 0/1 decisions (score > 0.5, i.e. logit > 0); ``head`` is the
     weight vector of the one-logit linear head.
@@ -45,18 +64,18 @@ def neural_collapse(
     y = np.asarray(labels).astype(int)
     if len(np.unique(y)) < 2:
         return {}
-    mu_g = h.mean(axis=0)
-    means = np.stack([h[y == k].mean(axis=0) for k in (0, 1)])
-    centred = h - means[y]
-    sigma_w = centred.T @ centred / len(h)
-    m = means - mu_g
+    classes = [h[y == k] for k in (0, 1)]
+    means = np.stack([c.mean(axis=0) for c in classes])
+    m = means - means.mean(axis=0)
+    sigma_w = np.mean([(c - mu).T @ (c - mu) / len(c) for c, mu in zip(classes, means, strict=True)], axis=0)
     sigma_b = m.T @ m / 2
     nc1 = float(np.trace(sigma_w @ np.linalg.pinv(sigma_b, hermitian=True)) / 2)
     w = np.asarray(head, dtype=np.float64).reshape(-1)
     weights = np.stack([-w / 2, w / 2])
     nc3 = float(np.linalg.norm(weights / (np.linalg.norm(weights) + EPS) - m / (np.linalg.norm(m) + EPS)))
     nearest = np.argmin(((h[:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
-    nc4 = float(np.mean(nearest != np.asarray(predictions).astype(int)))
+    mismatch = nearest != np.asarray(predictions).astype(int)
+    nc4 = float(np.mean([mismatch[y == k].mean() for k in (0, 1)]))
     return {"nc1": nc1, "nc3": nc3, "nc4": nc4, "within_var": float(np.trace(sigma_w))}
 
 

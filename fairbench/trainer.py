@@ -184,8 +184,11 @@ def _head_weight(method: Method) -> np.ndarray:
     return method.backbone.net.get_classifier().weight.detach().float().cpu().numpy()
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def _autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast on CUDA, none elsewhere; ``enabled=True`` forces it on any device (the CPU's
+    autocast casts like CUDA's, so the tests check the CUDA dtype path there)."""
+    on = device.type == "cuda" if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 
 def _predictions(split: Split, scores: np.ndarray) -> Predictions:

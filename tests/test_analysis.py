@@ -37,27 +37,68 @@ def test_nc1_is_zero_for_collapsed_features_and_positive_otherwise():
 
 
 def test_nc1_against_its_definition():
+    # unbalanced classes: the global mean is the mean of the class means and Σ_W the average of
+    # the per-class covariances, each class weighted equally
     rng = np.random.default_rng(2)
-    y = rng.integers(0, 2, 50)
-    h = rng.normal(size=(50, 4)) + y[:, None]
+    y = (rng.random(50) < 0.3).astype(int)
+    h = rng.normal(size=(50, 4)) * (1 + y[:, None]) + y[:, None]
     mu = np.stack([h[y == k].mean(0) for k in (0, 1)])
-    sw = sum(np.outer(h[i] - mu[y[i]], h[i] - mu[y[i]]) for i in range(50)) / 50
-    mg = h.mean(0)
+    sw = sum(np.cov(h[y == k].T, bias=True) for k in (0, 1)) / 2
+    mg = (mu[0] + mu[1]) / 2
     sb = sum(np.outer(mu[k] - mg, mu[k] - mg) for k in (0, 1)) / 2
     expected = np.trace(sw @ np.linalg.pinv(sb)) / 2
-    assert neural_collapse(h, y, y, np.ones(4))["nc1"] == pytest.approx(expected, rel=1e-8)
+    out = neural_collapse(h, y, y, np.ones(4))
+    assert out["nc1"] == pytest.approx(expected, rel=1e-8)
+    assert out["within_var"] == pytest.approx(np.trace(sw), rel=1e-10)
 
 
 def test_nc4_is_zero_when_predictions_follow_the_nearest_class_centre():
     rng = np.random.default_rng(3)
-    y = rng.integers(0, 2, 60)
+    y = np.repeat([0, 1], [45, 15])
     h = rng.normal(size=(60, 5)) + 2 * y[:, None]
     mu = np.stack([h[y == k].mean(0) for k in (0, 1)])
     ncc = np.argmin(((h[:, None] - mu[None]) ** 2).sum(2), axis=1)
     assert neural_collapse(h, y, ncc, np.ones(5))["nc4"] == 0.0
     flipped = ncc.copy()
-    flipped[:6] = 1 - flipped[:6]
+    flipped[:9] = 1 - flipped[:9]  # 9 of the 45 negatives: rate 0.2 in class 0, 0 in class 1
     assert neural_collapse(h, y, flipped, np.ones(5))["nc4"] == pytest.approx(0.1)
+
+
+def two_clouds(seed=5, n=20, d=5):
+    """Two Gaussian clouds of different spread, and a head along their mean difference."""
+    rng = np.random.default_rng(seed)
+    negatives = rng.normal(0.0, 0.5, (n, d))
+    positives = rng.normal(1.0, 1.5, (n, d))
+    head = positives.mean(0) - negatives.mean(0)
+    return negatives, positives, head
+
+
+def at_prevalence(negatives, positives, copies_of_negatives):
+    """The same class-conditional geometry at another prevalence: exact copies of the negatives."""
+    h = np.concatenate([np.tile(negatives, (copies_of_negatives, 1)), positives])
+    y = np.repeat([0, 1], [copies_of_negatives * len(negatives), len(positives)])
+    return h, y
+
+
+def predict_off_centre(h, head):
+    # a decision rule that disagrees with the nearest-class-centre rule on some samples
+    return (h @ head > 0.6 * head @ head).astype(int)
+
+
+@pytest.mark.parametrize("metric", ["nc1", "nc3", "nc4", "within_var"])
+def test_nc_values_do_not_move_with_class_prevalence(metric):
+    negatives, positives, head = two_clouds()
+    values = {}
+    for copies, prevalence in ((1, 0.5), (3, 0.25), (9, 0.1)):
+        h, y = at_prevalence(negatives, positives, copies)
+        assert y.mean() == pytest.approx(prevalence)
+        values[prevalence] = neural_collapse(h, y, predict_off_centre(h, head), head)[metric]
+    assert values[0.25] == pytest.approx(values[0.5], rel=1e-9, abs=1e-12)
+    assert values[0.1] == pytest.approx(values[0.5], rel=1e-9, abs=1e-12)
+    if metric == "nc3":  # the head is aligned with the class means
+        assert values[0.1] == pytest.approx(0.0, abs=1e-9)
+    if metric == "nc4":  # the rule above does disagree with the class centres
+        assert values[0.5] > 0
 
 
 def test_nc3_is_zero_when_the_head_points_along_the_class_means():
@@ -71,6 +112,25 @@ def test_per_subgroup_keys():
     attrs = np.stack([np.arange(80) // 40, np.arange(80) % 4 // 2], axis=1)
     out = neural_collapse_by_group(h, y, y, means[1] - means[0], attrs, ATTRS)
     assert {"nc1", "sex/female/nc1", "sex/male/nc4", "age/lt60/nc3", "age/ge60/within_var"} <= set(out)
+
+
+def test_per_subgroup_values_are_the_subgroups_own_and_free_of_its_prevalence():
+    # females at prevalence 0.5, males at 0.1, with the same class-conditional features
+    negatives, positives, head = two_clouds()
+    h_f, y_f = at_prevalence(negatives, positives, 1)
+    h_m, y_m = at_prevalence(negatives, positives, 9)
+    h, y = np.concatenate([h_f, h_m]), np.concatenate([y_f, y_m])
+    sex = np.repeat([0, 1], [len(y_f), len(y_m)])
+    age = np.arange(len(y)) % 2
+    attrs = np.stack([sex, age], axis=1)
+    predictions = predict_off_centre(h, head)
+    out = neural_collapse_by_group(h, y, predictions, head, attrs, ATTRS)
+    for metric in ("nc1", "nc3", "nc4", "within_var"):
+        assert out[f"sex/female/{metric}"] == pytest.approx(out[f"sex/male/{metric}"], rel=1e-9, abs=1e-12)
+        assert out[metric] == pytest.approx(out[f"sex/male/{metric}"], rel=1e-9, abs=1e-12)
+    old = age == 1
+    own = neural_collapse(h[old], y[old], predictions[old], head)
+    assert {k: out[f"age/ge60/{k}"] for k in own} == own
 
 
 def test_incidence_and_concentration_on_a_hand_made_matrix():
