@@ -257,6 +257,12 @@ _RUN_OPTIONS = [
     ),
     click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone."),
     click.option(
+        "--deterministic/--no-deterministic",
+        default=True,
+        show_default=True,
+        help="Deterministic kernels: the same seed gives the same numbers (see README, 'The fast path').",
+    ),
+    click.option(
         "--label-bias",
         default=None,
         metavar="ATTR=GROUP:FRACTION",
@@ -311,6 +317,7 @@ TRAIN_OPTIONS = (
     "device",
     "num_workers",
     "compile",
+    "deterministic",
 )
 
 
