@@ -311,7 +311,8 @@ def fit(
                 seen += n
                 reporter.step()
             values = {
-                f"train/{k}": v / seen for k, v in zip(sums, torch.stack(list(sums.values())).tolist(), strict=True)
+                f"train/{k}": v / seen
+                for k, v in zip(sums, torch.stack([v.reshape(()) for v in sums.values()]).tolist(), strict=True)
             }
             t_val = time.perf_counter()
             val_scores, val_features = predict(method, loaders["val"], transform, device, on_features is not None)
