@@ -27,7 +27,7 @@ from fairbench.data import DeviceTransform
 from fairbench.experiment import resolve, run_experiment
 from fairbench.method import Batch, TrainInfo
 from fairbench.model import create_backbone
-from fairbench.trainer import TrainConfig, resolve_device, seed_everything
+from fairbench.trainer import TrainConfig, make_optimizer, resolve_device, seed_everything
 
 METHODS = ("erm", "reweight", "adversarial", "nir")
 ATTRIBUTES = ("sex", "age")
@@ -53,13 +53,19 @@ def outcomes(seeds: int, results_dir: str) -> list[str]:
     return [head + " |", "|" + " --- |" * (2 + 1 + 2 * len(ATTRIBUTES)), *rows]
 
 
-def step_times(steps: int, rounds: int) -> dict[str, float]:
-    """Median seconds per training step of each method, measured in interleaved rounds."""
+def step_times(steps: int, rounds: int, image_size: int | None = None) -> dict[str, float]:
+    """Median seconds per training step of each method, measured in interleaved rounds.
+
+    The step is the trainer's: its optimiser and, on CUDA, bf16 autocast in channels_last
+    layout. ``image_size`` resizes the synthetic images (default: the dataset's 48 px).
+    """
     config = resolve(RunConfig())
     dataset = registry.datasets.get("synthetic")(**config.dataset_options)
     splits = dataset.load(config.resolved_data_dir(), config.image_size)
+    splits.size = image_size or splits.size
     device = resolve_device("auto")
-    transform = DeviceTransform(splits, device)
+    cuda = device.type == "cuda"
+    transform = DeviceTransform(splits, device, channels_last=cuda)
     bs = config.train.batch_size
     train = splits.train
     batches = []
@@ -87,7 +93,9 @@ def step_times(steps: int, rounds: int) -> dict[str, float]:
         seed_everything(0)
         cls = registry.methods.get(name)
         method = cls(create_backbone(config.backbone, splits.in_chans), info).to(device).train()
-        opt = torch.optim.AdamW(method.param_groups(1e-3, 1e-4), lr=1e-3, weight_decay=1e-4)
+        if cuda:
+            method = method.to(memory_format=torch.channels_last)
+        opt = make_optimizer(method, config.train, device)
         runners[name] = (method, opt, cls.uses_attributes)
 
     def one_pass(name: str) -> float:
@@ -97,7 +105,9 @@ def step_times(steps: int, rounds: int) -> dict[str, float]:
         t0 = time.perf_counter()
         for batch in batches:
             b = batch if uses else Batch(batch.image, batch.label, batch.index, None)
-            parts = method.loss(method(b.image), b)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = method(b.image)
+            parts = method.loss(out, b)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()

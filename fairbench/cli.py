@@ -271,6 +271,12 @@ _RUN_OPTIONS = [
     ),
     click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the backbone."),
     click.option(
+        "--deterministic/--no-deterministic",
+        default=True,
+        show_default=True,
+        help="Deterministic kernels: the same seed gives the same numbers (see README, 'The fast path').",
+    ),
+    click.option(
         "--label-bias",
         default=None,
         metavar="ATTR=GROUP:FRACTION",
@@ -326,6 +332,7 @@ TRAIN_OPTIONS = (
     "num_workers",
     "compile",
     "select",
+    "deterministic",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,17 +200,44 @@ class AugmentConfig:
     max_degrees: float = 15.0
 
 
+@dataclass
+class AugmentParams:
+    """One batch's augmentation parameters, one value per sample (see :class:`AugmentConfig`).
+
+    ``area`` ~ U(crop_scale), ``log_ratio`` ~ U(log crop_ratio), ``offset_x`` / ``offset_y`` ~
+    U(-1, 1) (the crop centre as a fraction of its free play), ``flip_x`` / ``flip_y`` in
+    {-1, 1} with P(-1) = 1/2, ``angle`` ~ U(-max_degrees, max_degrees) in radians. A disabled
+    augmentation gets its identity value (area 1, ratio 1, offset 0, no flip, angle 0).
+    """
+
+    area: torch.Tensor
+    log_ratio: torch.Tensor
+    offset_x: torch.Tensor
+    offset_y: torch.Tensor
+    flip_x: torch.Tensor
+    flip_y: torch.Tensor
+    angle: torch.Tensor
+
+
 class DeviceTransform:
     """Turns a stored batch (uint8 or float16, on the device) into the model's input.
 
     Scaling and normalisation, then, in training, every enabled augmentation at once: each
     sample's crop, rotation and flips are composed into one 2 x 3 affine matrix and the whole
-    batch is resampled by a single ``grid_sample`` call at the output size. Evaluation only
+    batch is resampled by a single ``grid_sample`` call at the output size. All random
+    parameters of a batch come from one ``torch.rand`` call on the device (one kernel launch
+    instead of one per parameter), from ``generator`` when given, so a seeded run draws the
+    same augmentations whatever else consumes torch's global generator. Evaluation only
     resizes (antialiased) when the stored size differs from ``Splits.size``.
     """
 
     def __init__(
-        self, splits: Splits, device: torch.device, channels_last: bool = False, config: AugmentConfig | None = None
+        self,
+        splits: Splits,
+        device: torch.device,
+        channels_last: bool = False,
+        config: AugmentConfig | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         unknown = set(splits.augment) - set(AUGMENTATIONS)
         if unknown:
@@ -222,6 +250,25 @@ class DeviceTransform:
         self.size = splits.size
         self.channels_last = channels_last
         self.config = config or AugmentConfig()
+        self.generator = generator
+        self.low, self.high, self.flip_p = self._ranges(device)
+
+    def _ranges(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-column bounds mapping U(0, 1) draws to the parameters, and the flip probabilities."""
+        cfg, on = self.config, set(self.augment)
+        crop, rotate = "crop" in on, "rotate" in on
+        log_ratio = (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])) if crop else (0.0, 0.0)
+        bounds = [
+            cfg.crop_scale if crop else (1.0, 1.0),
+            log_ratio,
+            (-1.0, 1.0) if crop else (0.0, 0.0),
+            (-1.0, 1.0) if crop else (0.0, 0.0),
+            (-cfg.max_degrees, cfg.max_degrees) if rotate else (0.0, 0.0),
+        ]
+        low = torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=device)
+        high = torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=device)
+        flip_p = torch.tensor([0.5 * ("hflip" in on), 0.5 * ("vflip" in on)], dtype=torch.float32, device=device)
+        return low, high, flip_p
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         x = images.float()
@@ -242,34 +289,128 @@ class DeviceTransform:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def affine(self, n: int, device: torch.device) -> torch.Tensor:
-        """(n, 2, 3) matrices mapping output to input coordinates in [-1, 1]."""
-        cfg = self.config
-        ones = torch.ones(n, device=device)
-        w, h = ones, ones
-        cx, cy = torch.zeros(n, device=device), torch.zeros(n, device=device)
-        if "crop" in self.augment:
-            area = torch.empty(n, device=device).uniform_(*cfg.crop_scale)
-            log_ratio = torch.empty(n, device=device).uniform_(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
-            ratio = torch.exp(log_ratio)
-            w = torch.sqrt(area * ratio).clamp(max=1.0)
-            h = torch.sqrt(area / ratio).clamp(max=1.0)
-            cx = (torch.rand(n, device=device) * 2 - 1) * (1 - w)
-            cy = (torch.rand(n, device=device) * 2 - 1) * (1 - h)
-        if "hflip" in self.augment:
-            w = w * torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
-        if "vflip" in self.augment:
-            h = h * torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
-        angle = torch.zeros(n, device=device)
-        if "rotate" in self.augment:
-            angle = torch.deg2rad(torch.empty(n, device=device).uniform_(-cfg.max_degrees, cfg.max_degrees))
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        return torch.stack(
-            [torch.stack([cos * w, -sin * h, cx], dim=1), torch.stack([sin * w, cos * h, cy], dim=1)], dim=1
+    def draw(self, n: int, device: torch.device) -> AugmentParams:
+        """The parameters of ``n`` samples from a single ``torch.rand(n, 7)`` draw."""
+        u = torch.rand(n, 7, device=device, generator=self.generator)
+        p = torch.lerp(self.low, self.high, u[:, :5])
+        flips = torch.where(u[:, 5:] < self.flip_p, -1.0, 1.0)
+        return AugmentParams(
+            area=p[:, 0],
+            log_ratio=p[:, 1],
+            offset_x=p[:, 2],
+            offset_y=p[:, 3],
+            flip_x=flips[:, 0],
+            flip_y=flips[:, 1],
+            angle=torch.deg2rad(p[:, 4]),
         )
 
+    def affine(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, 2, 3) matrices mapping output to input coordinates in [-1, 1]."""
+        return compose_affine(self.draw(n, device))
 
-def iterate_device(loader: DataLoader, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """The loader's batches moved to ``device`` (non-blocking when memory is pinned)."""
-    for batch in loader:
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+def compose_affine(p: AugmentParams) -> torch.Tensor:
+    """(n, 2, 3) matrices of the crop (half-sizes ``w``, ``h`` centred inside the image), the
+    flips and the rotation; ``w = sqrt(area * ratio)`` and ``h = sqrt(area / ratio)``, each at
+    most 1 (the crop never leaves the image)."""
+    ratio = torch.exp(p.log_ratio)
+    w = torch.sqrt(p.area * ratio).clamp(max=1.0)
+    h = torch.sqrt(p.area / ratio).clamp(max=1.0)
+    cx, cy = p.offset_x * (1 - w), p.offset_y * (1 - h)
+    w, h = w * p.flip_x, h * p.flip_y
+    cos, sin = torch.cos(p.angle), torch.sin(p.angle)
+    return torch.stack([cos * w, -sin * h, cx, sin * w, cos * h, cy], dim=1).view(-1, 2, 3)
+
+
+class Stopwatch:
+    """Seconds the host spent blocked waiting for batches (summed over an epoch by the caller)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+class ResidentBatches:
+    """An evaluation split held on the device once and read back in order, batch by batch.
+
+    Used instead of a DataLoader when the split fits in device memory: evaluation then costs
+    no host work per batch (no gather, no copy, no loader process). Yields the same batches
+    as ``make_loader(split, batch_size, train=False)``.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device) -> None:
+        positions = np.arange(len(split))
+        self.batch_size = batch_size
+        self.tensors = {
+            "image": torch.from_numpy(np.ascontiguousarray(split.take(positions))).to(device),
+            "label": torch.from_numpy(np.asarray(split.labels).astype(np.int64)).to(device),
+            "attrs": torch.from_numpy(np.asarray(split.attrs).astype(np.int64)).to(device),
+            "index": torch.from_numpy(positions).to(device),
+        }
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensors["index"]) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.tensors["index"]), self.batch_size):
+            yield {k: v[start : start + self.batch_size] for k, v in self.tensors.items()}
+
+
+RESIDENT_SHARE = 0.25
+"""Largest share of the free device memory an evaluation split may take to be held there."""
+
+
+def split_bytes(split: Split) -> int:
+    """Bytes of a split's images."""
+    return len(split) * int(np.prod(split.images.shape[1:])) * split.images.dtype.itemsize
+
+
+def eval_batches(
+    split: Split, batch_size: int, device: torch.device, *, num_workers: int = 0, resident: bool | None = None
+) -> DataLoader | ResidentBatches:
+    """Batches of an evaluation split in order: held on the device (:class:`ResidentBatches`)
+    when ``resident``, by default on CUDA when the images take at most ``RESIDENT_SHARE`` of
+    the free device memory; else a loader with ``num_workers`` workers and pinned memory on CUDA."""
+    if resident is None:
+        resident = device.type == "cuda" and split_bytes(split) <= RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
+    if resident:
+        return ResidentBatches(split, batch_size, device)
+    return make_loader(
+        split, batch_size, train=False, seed=0, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+
+
+def iterate_device(
+    loader: DataLoader | ResidentBatches, device: torch.device, waited: Stopwatch | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches on ``device``; ``waited`` adds up the time blocked on the loader.
+
+    On CUDA the next batch is fetched and its (pinned, non-blocking) copy issued on a side
+    stream before the current one is handed out, so the copy overlaps the current step's
+    kernels; the compute stream waits for the copy only when it uses the batch.
+    """
+    batches = iter(loader)
+    resident = isinstance(loader, ResidentBatches)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" and not resident else None
+
+    def fetch() -> dict[str, torch.Tensor] | None:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if waited is not None:
+            waited.seconds += time.perf_counter() - t0
+        if batch is None or resident:
+            return batch
+        if stream is None:
+            return {k: v.to(device) for k, v in batch.items()}
+        with torch.cuda.stream(stream):
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    upcoming = fetch()
+    while upcoming is not None:
+        current = upcoming
+        if stream is not None:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(stream)
+            for v in current.values():
+                v.record_stream(compute)
+        upcoming = fetch()
+        yield current

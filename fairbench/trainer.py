@@ -2,12 +2,16 @@
 
 Adam or AdamW; early stopping with patience on a validation selection rule (``val_auc`` by
 default, ``worst_group_auc`` or ``val_loss``); the best epoch's weights are restored;
-validation and test predictions come from that epoch. Seeding covers Python, NumPy,
-torch and the loader. On CUDA the forward pass runs under bf16 autocast in channels_last layout.
+validation and test predictions come from that epoch. Seeding covers Python, NumPy, torch, the
+loader and the augmentation draws. On CUDA the forward pass runs under bf16 autocast in
+channels_last layout, the optimiser step is fused, the next batch is copied while the current
+one trains, and the training step never waits for the device (losses are summed there and read
+once per epoch).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -19,7 +23,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fairbench.data import DeviceTransform, Split, Splits, default_num_workers, iterate_device, make_loader
+from fairbench.data import (
+    DeviceTransform,
+    Split,
+    Splits,
+    Stopwatch,
+    default_num_workers,
+    eval_batches,
+    iterate_device,
+    make_loader,
+)
 from fairbench.errors import FairbenchError
 from fairbench.method import Batch, Method, TrainInfo
 from fairbench.metrics import roc_auc
@@ -45,6 +58,8 @@ class TrainConfig:
     num_workers: int | None = None
     compile: bool = False
     select: Literal["val_auc", "worst_group_auc", "val_loss"] = "val_auc"
+    deterministic: bool = True
+    """Deterministic kernels (see :func:`set_deterministic`): one seed, one result."""
 
 
 @dataclass
@@ -69,13 +84,37 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) and make cuDNN deterministic."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) and choose the kernels (:func:`set_deterministic`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    set_deterministic(deterministic)
+
+
+def set_deterministic(on: bool) -> None:
+    """With ``on``: cuDNN's deterministic algorithms without autotuning, and torch's
+    deterministic implementations wherever one exists (ops without one warn instead of
+    failing), so a seed reproduces a run exactly on the same machine. Off: cuDNN autotunes
+    its fastest (possibly non-deterministic) algorithms. Uninitialised memory is never
+    filled: fairbench never reads it, and filling costs a pass over every new buffer."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not on
+    torch.backends.cudnn.deterministic = on
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def make_optimizer(method: Method, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or AdamW over the method's parameter groups: one fused kernel per step on CUDA,
+    the multi-tensor (foreach) implementation elsewhere; both compute the same update as the
+    per-parameter loop."""
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return opt_cls(
+        method.param_groups(config.lr, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay, **fast
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -215,10 +254,13 @@ def fit(
     ``score_test=False`` (tuning) the test split is never scored. ``on_features`` receives the
     penultimate features of the training set (one extra evaluation pass) and of the validation
     set (from the validation pass) after every epoch; the test features of the best epoch are
-    always returned.
+    always returned. Each epoch's ``epoch_seconds`` is split into ``steps_seconds`` (the
+    training steps, up to the device finishing them), ``val_seconds`` (the validation pass) and
+    ``wait_seconds`` (the host blocked on the training loader).
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
+    set_deterministic(config.deterministic)
     for name in ("val", "test"):
         labels = np.asarray(splits[name].labels)
         if labels.min() == labels.max():
@@ -251,11 +293,9 @@ def fit(
         method = method.to(memory_format=torch.channels_last)
     if config.compile:
         method.backbone.compile()
-    transform = DeviceTransform(splits, device, channels_last=channels_last)
-    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(
-        method.param_groups(config.lr, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay
-    )
+    augment_rng = torch.Generator(device=device).manual_seed(config.seed)
+    transform = DeviceTransform(splits, device, channels_last=channels_last, generator=augment_rng)
+    optimizer = make_optimizer(method, config, device)
     loaders = {
         "train": make_loader(
             train,
@@ -266,11 +306,10 @@ def fit(
             num_workers=num_workers,
             pin_memory=pin,
         ),
-        "val": make_loader(splits.val, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin),
-        "test": make_loader(splits.test, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin),
+        "val": eval_batches(splits.val, config.batch_size * 2, device, num_workers=num_workers),
     }
     if on_features is not None:
-        loaders["train_eval"] = make_loader(train, config.batch_size * 2, train=False, seed=config.seed, pin_memory=pin)
+        loaders["train_eval"] = eval_batches(train, config.batch_size * 2, device, num_workers=num_workers)
     best_score, best_auc, best_epoch, best_state, best_val = -np.inf, np.nan, -1, None, None
     val_labels = np.asarray(splits.val.labels)
     val_groups = np.asarray(splits.val.attrs)[:, attr_col] if attr_col is not None else None
@@ -283,7 +322,8 @@ def fit(
             method.on_epoch_start(epoch)
             sums: dict[str, torch.Tensor] = {}
             seen = 0
-            for raw in iterate_device(loaders["train"], device):
+            waited = Stopwatch()
+            for raw in iterate_device(loaders["train"], device, waited):
                 x = transform(raw["image"], train=True)
                 batch = Batch(
                     image=x,
@@ -302,7 +342,13 @@ def fit(
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n
                 seen += n
                 reporter.step()
+            values = {
+                f"train/{k}": v / seen
+                for k, v in zip(sums, torch.stack([v.reshape(()) for v in sums.values()]).tolist(), strict=True)
+            }
+            t_val = time.perf_counter()
             val_scores, val_features = predict(method, loaders["val"], transform, device, on_features is not None)
+            val_seconds = time.perf_counter() - t_val
             if on_features is not None:
                 head = _head_weight(method)
                 train_scores, train_features = predict(method, loaders["train_eval"], transform, device, True)
@@ -310,10 +356,12 @@ def fit(
                 on_features("val", epoch, val_features, val_scores, head)
             val_auc = roc_auc(val_scores, val_labels)
             score = selection_score(config.select, val_scores, val_labels, val_groups)
-            values = {f"train/{k}": float(v) / seen for k, v in sums.items()}
             values["val/epoch_auc"] = val_auc
             values["val/epoch_select"] = score
             values["epoch_seconds"] = time.perf_counter() - t0
+            values["steps_seconds"] = t_val - t0 - waited.seconds
+            values["val_seconds"] = val_seconds
+            values["wait_seconds"] = waited.seconds
             history.append(values)
             reporter.epoch(epoch, values)
             if on_epoch is not None:
@@ -329,7 +377,8 @@ def fit(
     method.load_state_dict(best_state)
     test, test_features = None, None
     if score_test:
-        test_scores, test_features = predict(method, loaders["test"], transform, device, features=True)
+        test_loader = eval_batches(splits.test, config.batch_size * 2, device, num_workers=num_workers)
+        test_scores, test_features = predict(method, test_loader, transform, device, features=True)
         test = _predictions(splits.test, test_scores)
     return FitResult(
         best_epoch=best_epoch,

@@ -44,11 +44,14 @@ def grad_reverse(x: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 def adversary_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the samples with a known group (code >= 0); 0 when there are none."""
-    known = groups >= 0
-    if not known.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[known].float(), groups[known])
+    """Cross-entropy over the samples with a known group (code >= 0); 0 when there are none.
+
+    Computed as a masked mean over the whole batch, so no value goes back to the host (no
+    boolean indexing, no data-dependent branch) and the training step never waits for the device.
+    """
+    known = (groups >= 0).float()
+    per_sample = F.cross_entropy(logits.float(), groups.clamp(min=0), reduction="none")
+    return (per_sample * known).sum() / known.sum().clamp(min=1.0)
 
 
 class Adversarial(Method):
@@ -73,12 +76,14 @@ class Adversarial(Method):
         self.target = target
         self.adv_lr = adv_lr
         self.strength = lambda_adv if warmup_epochs == 0 else 0.0
+        self.register_buffer("logged_strength", torch.tensor(self.strength), persistent=False)
         in_dim = backbone.feature_dim if target == "representation" else 3
         self.adversary = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, len(info.group_names)))
 
     def on_epoch_start(self, epoch: int) -> None:
         ramp = 1.0 if self.warmup_epochs == 0 else min(1.0, epoch / self.warmup_epochs)
         self.strength = self.lambda_adv * ramp
+        self.logged_strength.fill_(self.strength)
 
     def adversary_input(self, out: ModelOutput, label: torch.Tensor) -> torch.Tensor:
         if self.target == "representation":
@@ -90,8 +95,7 @@ class Adversarial(Method):
         bce = F.binary_cross_entropy_with_logits(out.logits.float(), batch.label)
         z = grad_reverse(self.adversary_input(out, batch.label), self.strength)
         adv = adversary_loss(self.adversary(z), batch.group)
-        strength = torch.tensor(self.strength, device=bce.device)
-        return {"loss": bce + adv, "bce": bce, "adv": adv, "lambda_adv": strength}
+        return {"loss": bce + adv, "bce": bce, "adv": adv, "lambda_adv": self.logged_strength}
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         adversary = list(self.adversary.parameters())
