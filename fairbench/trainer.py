@@ -1,7 +1,8 @@
 """One training loop for every method.
 
 Adam or AdamW; early stopping on validation AUC with patience; the best epoch's weights are
-restored; validation and test predictions come from that epoch. Seeding covers Python, NumPy,
+restored; validation and test predictions come from that epoch (or from the weights a method's
+``on_train_end`` hook puts in their place, e.g. a weight average). Seeding covers Python, NumPy,
 torch and the loader. On CUDA the forward pass runs under bf16 autocast in channels_last layout.
 """
 
@@ -138,15 +139,22 @@ class _Reporter:
 
 @torch.no_grad()
 def predict(
-    method: Method, loader, transform: DeviceTransform, device: torch.device, features: bool = False
+    method: Method,
+    loader,
+    transform: DeviceTransform,
+    device: torch.device,
+    features: bool = False,
+    group_column: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Positive-class probabilities of every sample in loader order, and (when asked) their
-    penultimate features, from the same forward pass."""
+    penultimate features, from the same forward pass. With ``group_column`` the method is
+    given each sample's code of that attribute (methods that use attributes at test only)."""
     method.eval()
     scores, feats = [], []
     for batch in iterate_device(loader, device):
+        x = transform(batch["image"], train=False)
         with _autocast(device):
-            out = method(transform(batch["image"], train=False))
+            out = method(x) if group_column is None else method(x, group=batch["attrs"][:, group_column])
         scores.append(torch.sigmoid(out.logits.double()))
         if features:
             feats.append(out.features.float())
@@ -159,6 +167,29 @@ def _head_weight(method: Method) -> np.ndarray:
 
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_step(
+    method: Method, batch: Batch, optimizer: torch.optim.Optimizer, device: torch.device, group_in_forward: bool
+) -> dict[str, torch.Tensor]:
+    """One training step through the method's ``train_step`` and ``after_step`` hooks; the
+    forward pass runs under autocast, with the batch's groups when ``group_in_forward``."""
+
+    def forward_loss() -> dict[str, torch.Tensor]:
+        with _autocast(device):
+            out = method(batch.image, group=batch.group) if group_in_forward else method(batch.image)
+        return method.loss(out, batch)
+
+    parts = method.train_step(forward_loss, optimizer)
+    method.after_step()
+    return parts
+
+
+def _bce(scores: np.ndarray, labels) -> float:
+    """Mean binary cross-entropy of probabilities (clipped away from 0 and 1)."""
+    p = np.clip(scores, 1e-12, 1 - 1e-12)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
 def _predictions(split: Split, scores: np.ndarray) -> Predictions:
@@ -198,6 +229,7 @@ def fit(
     train = splits.train
     steps = len(train) // config.batch_size + (len(train) % config.batch_size > 1)
     attr_col = list(splits.attributes).index(attribute) if attribute is not None else None
+    group_col = attr_col if method_cls.uses_attributes and method_cls.attributes_at_test(options) else None
     info = TrainInfo(
         labels=torch.as_tensor(np.asarray(train.labels), dtype=torch.int64),
         groups=(
@@ -259,26 +291,27 @@ def fit(
                     index=raw["index"],
                     group=raw["attrs"][:, attr_col] if info.groups is not None else None,
                 )
-                with _autocast(device):
-                    out = method(x)
-                parts = method.loss(out, batch)
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                optimizer.step()
+                parts = train_step(method, batch, optimizer, device, group_col is not None)
                 n = x.shape[0]
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n
                 seen += n
                 reporter.step()
-            val_scores, val_features = predict(method, loaders["val"], transform, device, on_features is not None)
+            val_scores, val_features = predict(
+                method, loaders["val"], transform, device, on_features is not None, group_col
+            )
             if on_features is not None:
                 head = _head_weight(method)
-                train_scores, train_features = predict(method, loaders["train_eval"], transform, device, True)
+                train_scores, train_features = predict(
+                    method, loaders["train_eval"], transform, device, True, group_col
+                )
                 on_features("train", epoch, train_features, train_scores, head)
                 on_features("val", epoch, val_features, val_scores, head)
             val_auc = roc_auc(val_scores, splits.val.labels)
             values = {f"train/{k}": float(v) / seen for k, v in sums.items()}
             values["val/epoch_auc"] = val_auc
+            values["val/epoch_bce"] = _bce(val_scores, splits.val.labels)
+            values.update(method.on_validation(epoch, values))
             values["epoch_seconds"] = time.perf_counter() - t0
             history.append(values)
             reporter.epoch(epoch, values)
@@ -293,9 +326,16 @@ def fit(
                 if config.patience and stale >= config.patience:
                     break
     method.load_state_dict(best_state)
+    if method.on_train_end(
+        lambda: (transform(b["image"], train=True) for b in iterate_device(loaders["train"], device))
+    ):
+        best_val = predict(method, loaders["val"], transform, device, group_column=group_col)[0]
+        best_auc = roc_auc(best_val, splits.val.labels)
     test, test_features = None, None
     if score_test:
-        test_scores, test_features = predict(method, loaders["test"], transform, device, features=True)
+        test_scores, test_features = predict(
+            method, loaders["test"], transform, device, features=True, group_column=group_col
+        )
         test = _predictions(splits.test, test_scores)
     return FitResult(
         best_epoch=best_epoch,
