@@ -117,7 +117,7 @@ def run_experiment(
         backbone=config.backbone,
         attribute=config.attribute,
         uses_attributes=method_cls.uses_attributes,
-        uses_attributes_at_test=method_cls.uses_attributes_at_test,
+        uses_attributes_at_test=method_cls.attributes_at_test(config.method_options),
     )
     tags.update(extra_tags or {})
     run_name = f"{config.method}-{config.dataset}-s{config.train.seed}"

@@ -3,14 +3,21 @@
 A method wraps the shared backbone. It may add modules (an adversary), define the per-batch
 loss from the model output and the batch, weight or resample the training set, add optimiser
 parameter groups, react at the start of an epoch, and declare its hyperparameters for tuning.
-The trainer calls these hooks the same way for every method and never branches on its name.
+It may also replace the optimiser step (:meth:`Method.train_step`, e.g. two passes for
+sharpness-aware minimisation), watch the weights after every step and the validation numbers
+after every epoch (:meth:`Method.after_step`, :meth:`Method.on_validation`), replace the weights
+that are finally evaluated (:meth:`Method.on_train_end`, e.g. a weight average), and receive
+each sample's group when it predicts (``uses_attributes_at_test``). The trainer calls these
+hooks the same way for every method and never branches on its name.
 
 Methods whose ``uses_attributes`` is False never see demographic codes: the trainer gives
-them batches whose ``group`` is None and a :class:`TrainInfo` without groups.
+them batches whose ``group`` is None and a :class:`TrainInfo` without groups, and never calls
+their ``forward`` with a group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +28,12 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from fairbench.model import Backbone, ModelOutput
+
+ForwardLoss = Callable[[], dict[str, torch.Tensor]]
+"""Runs the forward pass of the current batch (under the trainer's autocast) and returns the
+method's loss parts; :meth:`Method.train_step` may call it more than once."""
+TrainImages = Callable[[], Iterator[torch.Tensor]]
+"""Yields the training set once more as model-ready (augmented) image batches on the device."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +81,21 @@ class Method(nn.Module):
     uses_attributes: ClassVar[bool] = False
     uses_attributes_at_test: ClassVar[bool] = False
     """True for methods that need the sensitive attribute of each sample to predict (e.g. a
-    group-specific normalisation); shown by ``fairbench list`` and on the leaderboard."""
+    group-specific normalisation); shown by ``fairbench list`` and on the leaderboard. Such a
+    method (it must also set ``uses_attributes``) is called as ``method(x, group=codes)`` in
+    training and prediction, codes -1 where unknown. Where an option decides it, override
+    :meth:`attributes_at_test`."""
 
     def __init__(self, backbone: Backbone, info: TrainInfo) -> None:
         super().__init__()
         self.backbone = backbone
         self.info = info
+
+    @classmethod
+    def attributes_at_test(cls, options: dict[str, Any]) -> bool:
+        """Whether the method with these options needs each sample's group to predict (by
+        default the class flag); the run is tagged with this resolved value."""
+        return cls.uses_attributes_at_test
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         return self.backbone(x)
@@ -93,6 +115,32 @@ class Method(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (0-based), e.g. for a warm-up schedule."""
+
+    def train_step(self, forward_loss: ForwardLoss, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """One optimiser step on the current batch; returns the loss parts to log.
+
+        The default is one forward pass, backward and step. A method that needs the gradient
+        elsewhere (e.g. at perturbed weights) calls ``forward_loss`` again.
+        """
+        parts = forward_loss()
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimizer.step()
+        return parts
+
+    def after_step(self) -> None:
+        """Called after every optimiser step, e.g. to collect the weights for an average."""
+
+    def on_validation(self, epoch: int, values: dict[str, float]) -> dict[str, float]:
+        """Called after each epoch's validation with its numbers (``val/epoch_auc``,
+        ``val/epoch_bce``, ``train/*``); what it returns is logged with them."""
+        return {}
+
+    def on_train_end(self, train_images: TrainImages) -> bool:
+        """Called once the selected epoch's weights are restored, before val and test are
+        predicted. Return True after replacing the weights (e.g. with an average whose BN
+        statistics are recomputed on ``train_images()``): validation is then predicted anew."""
+        return False
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -2,11 +2,12 @@
 
 Adam or AdamW; early stopping with patience on a validation selection rule (``val_auc`` by
 default, ``worst_group_auc`` or ``val_loss``); the best epoch's weights are restored;
-validation and test predictions come from that epoch. Seeding covers Python, NumPy, torch, the
-loader and the augmentation draws. On CUDA the forward pass runs under bf16 autocast in
-channels_last layout, the optimiser step is fused, the next batch is copied while the current
-one trains, and the training step never waits for the device (losses are summed there and read
-once per epoch).
+validation and test predictions come from that epoch (or from the weights a method's
+``on_train_end`` hook puts in their place, e.g. a weight average). Seeding covers Python,
+NumPy, torch, the loader and the augmentation draws. On CUDA the forward pass runs under bf16
+autocast in channels_last layout, the optimiser step is fused, the next batch is copied while
+the current one trains, and the training step never waits for the device (losses are summed
+there and read once per epoch).
 """
 
 from __future__ import annotations
@@ -179,15 +180,22 @@ class _Reporter:
 
 @torch.no_grad()
 def predict(
-    method: Method, loader, transform: DeviceTransform, device: torch.device, features: bool = False
+    method: Method,
+    loader,
+    transform: DeviceTransform,
+    device: torch.device,
+    features: bool = False,
+    group_column: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Positive-class probabilities of every sample in loader order, and (when asked) their
-    penultimate features, from the same forward pass."""
+    penultimate features, from the same forward pass. With ``group_column`` the method is
+    given each sample's code of that attribute (methods that use attributes at test only)."""
     method.eval()
     scores, feats = [], []
     for batch in iterate_device(loader, device):
+        x = transform(batch["image"], train=False)
         with _autocast(device):
-            out = method(transform(batch["image"], train=False))
+            out = method(x) if group_column is None else method(x, group=batch["attrs"][:, group_column])
         scores.append(torch.sigmoid(out.logits.double()))
         if features:
             feats.append(out.features.float())
@@ -207,9 +215,7 @@ def selection_score(rule: str, scores: np.ndarray, labels: np.ndarray, groups: n
     if rule == "val_auc":
         return roc_auc(scores, labels)
     if rule == "val_loss":
-        p = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, 1 - 1e-12)
-        y = np.asarray(labels, dtype=np.float64)
-        return float(np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        return -_bce(scores, labels)
     if rule == "worst_group_auc":
         if groups is None:
             raise FairbenchError("--select worst_group_auc needs an attribute; pass --attribute")
@@ -228,6 +234,29 @@ def _autocast(device: torch.device, enabled: bool | None = None):
     autocast casts like CUDA's, so the tests check the CUDA dtype path there)."""
     on = device.type == "cuda" if enabled is None else enabled
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+
+
+def train_step(
+    method: Method, batch: Batch, optimizer: torch.optim.Optimizer, device: torch.device, group_in_forward: bool
+) -> dict[str, torch.Tensor]:
+    """One training step through the method's ``train_step`` and ``after_step`` hooks; the
+    forward pass runs under autocast, with the batch's groups when ``group_in_forward``."""
+
+    def forward_loss() -> dict[str, torch.Tensor]:
+        with _autocast(device):
+            out = method(batch.image, group=batch.group) if group_in_forward else method(batch.image)
+        return method.loss(out, batch)
+
+    parts = method.train_step(forward_loss, optimizer)
+    method.after_step()
+    return parts
+
+
+def _bce(scores: np.ndarray, labels) -> float:
+    """Mean binary cross-entropy of probabilities (clipped away from 0 and 1)."""
+    p = np.clip(scores, 1e-12, 1 - 1e-12)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
 def _predictions(split: Split, scores: np.ndarray) -> Predictions:
@@ -270,6 +299,7 @@ def fit(
     train = splits.train
     steps = len(train) // config.batch_size + (len(train) % config.batch_size > 1)
     attr_col = list(splits.attributes).index(attribute) if attribute is not None else None
+    group_col = attr_col if method_cls.uses_attributes and method_cls.attributes_at_test(options) else None
     info = TrainInfo(
         labels=torch.as_tensor(np.asarray(train.labels), dtype=torch.int64),
         groups=(
@@ -331,12 +361,7 @@ def fit(
                     index=raw["index"],
                     group=raw["attrs"][:, attr_col] if info.groups is not None else None,
                 )
-                with _autocast(device):
-                    out = method(x)
-                parts = method.loss(out, batch)
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                optimizer.step()
+                parts = train_step(method, batch, optimizer, device, group_col is not None)
                 n = x.shape[0]
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n
@@ -347,17 +372,23 @@ def fit(
                 for k, v in zip(sums, torch.stack([v.reshape(()) for v in sums.values()]).tolist(), strict=True)
             }
             t_val = time.perf_counter()
-            val_scores, val_features = predict(method, loaders["val"], transform, device, on_features is not None)
+            val_scores, val_features = predict(
+                method, loaders["val"], transform, device, on_features is not None, group_col
+            )
             val_seconds = time.perf_counter() - t_val
             if on_features is not None:
                 head = _head_weight(method)
-                train_scores, train_features = predict(method, loaders["train_eval"], transform, device, True)
+                train_scores, train_features = predict(
+                    method, loaders["train_eval"], transform, device, True, group_col
+                )
                 on_features("train", epoch, train_features, train_scores, head)
                 on_features("val", epoch, val_features, val_scores, head)
             val_auc = roc_auc(val_scores, val_labels)
             score = selection_score(config.select, val_scores, val_labels, val_groups)
             values["val/epoch_auc"] = val_auc
             values["val/epoch_select"] = score
+            values["val/epoch_bce"] = _bce(val_scores, val_labels)
+            values.update(method.on_validation(epoch, values))
             values["epoch_seconds"] = time.perf_counter() - t0
             values["steps_seconds"] = t_val - t0 - waited.seconds
             values["val_seconds"] = val_seconds
@@ -375,10 +406,17 @@ def fit(
                 if config.patience and stale >= config.patience:
                     break
     method.load_state_dict(best_state)
+    if method.on_train_end(
+        lambda: (transform(b["image"], train=True) for b in iterate_device(loaders["train"], device))
+    ):
+        best_val = predict(method, loaders["val"], transform, device, group_column=group_col)[0]
+        best_auc = roc_auc(best_val, splits.val.labels)
     test, test_features = None, None
     if score_test:
         test_loader = eval_batches(splits.test, config.batch_size * 2, device, num_workers=num_workers)
-        test_scores, test_features = predict(method, test_loader, transform, device, features=True)
+        test_scores, test_features = predict(
+            method, test_loader, transform, device, features=True, group_column=group_col
+        )
         test = _predictions(splits.test, test_scores)
     return FitResult(
         best_epoch=best_epoch,
