@@ -20,7 +20,7 @@
    them) of the training process and its 4 loader workers, training on a HAM10000-sized cache
    (10,015 images at 256 px). Target < 3 GB.
 
-Usage: ``python benchmarks/perf.py [--quick] [--append benchmarks/RESULTS.md]``
+Usage: ``python benchmarks/perf.py [--only data,trainer,...] [--append benchmarks/RESULTS.md]``
 """
 
 from __future__ import annotations
@@ -356,6 +356,29 @@ def gpu_epoch(
     return ours, min(bare_epoch() for _ in range(2))
 
 
+def eval_host_seconds(n: int = 1000, size: int = 256, batch: int = 128) -> tuple[float, float, float]:
+    """Seconds per in-order pass over a HAM-sized validation split without a model: resident
+    batches (after their one-off upload, also returned) vs the single-process loader."""
+    from fairbench.data import ResidentBatches
+
+    device = resolve_device("auto")
+    with tempfile.TemporaryDirectory() as tmp:
+        split = Split(_write_cache(Path(tmp) / "val.npy", n, size), np.zeros(n, np.int64), np.zeros((n, 1), np.int64))
+        t0 = time.perf_counter()
+        resident = ResidentBatches(split, batch, device)
+        upload = time.perf_counter() - t0
+        loader = make_loader(split, batch, train=False, seed=0, pin_memory=device.type == "cuda")
+
+        def one_pass(batches) -> float:
+            t0 = time.perf_counter()
+            for b in iterate_device(batches, device):
+                b["image"].sum()
+            return time.perf_counter() - t0
+
+        one_pass(loader)
+        return min(one_pass(resident) for _ in range(3)), min(one_pass(loader) for _ in range(3)), upload
+
+
 GPU_RUNS = (("resnet18", 64, True), ("resnet18", 256, True), ("resnet50", 64, True), ("resnet50", 256, True),
             ("resnet18", 64, False))  # fmt: skip
 
@@ -364,7 +387,7 @@ def _split_text(h: dict[str, float]) -> str:
     return f"steps {h['steps_seconds']:.2f} s, validation {h['val_seconds']:.2f} s, waiting {h['wait_seconds']:.2f} s"
 
 
-ITEMS = ("data", "trainer", "methods", "metrics", "gpu", "memory")
+ITEMS = ("data", "trainer", "eval", "methods", "metrics", "gpu", "memory")
 
 
 def main() -> None:
@@ -372,7 +395,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="JPEGs for the data benchmark")
     parser.add_argument("--workers", type=int, default=None, help="loader workers [default: the core count]")
     parser.add_argument("--memory-steps", type=int, default=10)
+    parser.add_argument("--steps-48", type=int, default=10, help="batches per timed pass of item 3 at 48 px")
     parser.add_argument("--steps-224", type=int, default=10, help="batches per timed pass of item 3 at 224 px")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per method in item 3")
     parser.add_argument("--only", default=",".join(ITEMS), help=f"comma-separated subset of {', '.join(ITEMS)}")
     parser.add_argument("--append", default=None)
     args = parser.parse_args()
@@ -404,11 +429,18 @@ def main() -> None:
             f"{bare_t:.1f} s (bare loop) | {ratio:.3f}× | ≤ 1.05× | {'yes' if ratio <= 1.05 else 'no'} |"
         )
         row(f"| 2 | trainer: that epoch split | {_split_text(epoch)} | | | | |")
+    if "eval" in only:
+        resident_t, loader_t, upload = eval_host_seconds()
+        row(
+            f"| 2 | evaluation batches: one in-order pass over 1,000 HAM-sized images (256 px, batch 128), no model | "
+            f"{resident_t:.3f} s (held on the device; {upload:.2f} s once to put them there) | "
+            f"{loader_t:.3f} s (loader, no workers) | | | |"
+        )
     if "methods" in only:
         from methods import step_times
 
-        for size, steps, rounds in ((48, 10, 5), (224, args.steps_224, 3)):
-            times = step_times(steps=steps, rounds=rounds, image_size=size)
+        for size, steps in ((48, args.steps_48), (224, args.steps_224)):
+            times = step_times(steps=steps, rounds=args.rounds, image_size=size)
             for method, target in (("reweight", 1.03), ("adversarial", 1.10), ("nir", 1.03)):
                 r = times[method] / times["erm"]
                 row(
