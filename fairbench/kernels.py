@@ -16,12 +16,10 @@ from numba import njit, prange
 
 RUN = 1
 """Flag of a subset entry: the lowest-scoring entry of a run of equal scores."""
-BIN = 2
-"""Flag: the lowest-scoring entry of a calibration bin."""
-CUT = 4
+CUT = 2
 """Flag: the lowest-scoring entry predicted positive (score >= threshold)."""
-POSITIVE = 8
-"""Flag: the entry's label is 1 (the highest flag, so that ``flags >> 3`` is the label)."""
+POSITIVE = 4
+"""Flag: the entry's label is 1 (the highest flag, so that ``flags >> 2`` is the label)."""
 
 
 def tasks(starts: np.ndarray) -> np.ndarray:
@@ -60,15 +58,15 @@ def count_draws(picks: np.ndarray, sizes: np.ndarray, rows: int) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def scan(counts, index, starts, tasks, flags, score, loss_pos, loss_neg):
+def scan(counts, index, starts, tasks, flags, score, bins, n_bins, loss_pos, loss_neg):
     """Integer and real sums of every subset for every resample (column) of ``counts`` (M, R).
 
     Subset k is the list of entries ``starts[k]:starts[k + 1]`` in ascending score order; entry
-    j reads its counts in row ``index[j]`` and carries ``flags[j]`` (RUN, BIN, CUT, POSITIVE)
-    and ``score[j]``. Subset 0 holds every sample, entry j being sample j of the plan; for it
-    the average-precision and log-loss sums are also returned (``loss_pos`` / ``loss_neg``: a
-    sample's log loss if its label is 1 / 0). ``tasks`` (threads, subsets) lists the subsets
-    each thread scans (-1: none), balanced by size.
+    j reads its counts in row ``index[j]`` and carries ``flags[j]`` (RUN, CUT, POSITIVE),
+    ``score[j]`` and its calibration bin ``bins[j]`` (of ``n_bins``). Subset 0 holds every
+    sample, entry j being sample j of the plan; for it the average-precision and log-loss sums
+    are also returned (``loss_pos`` / ``loss_neg``: a sample's log loss if its label is 1 / 0).
+    ``tasks`` (threads, subsets) lists the subsets each thread scans (-1: none).
 
     Scanning from the highest score down, a run of equal scores with ``p`` positive and ``q``
     negative draws, below ``P`` positives already seen, adds ``q * (2P + p)`` to ``2U`` (twice
@@ -95,15 +93,14 @@ def scan(counts, index, starts, tasks, flags, score, loss_pos, loss_neg):
             tp = np.zeros(rows, np.int64)
             selected = np.zeros(rows, np.int64)
             two_u = np.zeros(rows, np.int64)
-            bin_pos = np.zeros(rows, np.int64)
-            bin_score = np.zeros(rows)
-            calibration = np.zeros(rows)
+            bin_pos = np.zeros((n_bins, rows), np.int64)
+            bin_score = np.zeros((n_bins, rows))
             ap = np.zeros(rows)
             loss = np.zeros(rows)
             for j in range(starts[k + 1] - 1, starts[k] - 1, -1):
                 i = index[j]
                 f = flags[j]
-                label = np.int64(f >> 3)
+                label = np.int64(f >> 2)
                 for r in range(rows):
                     c = np.int64(counts[i, r])
                     run_all[r] += c
@@ -111,14 +108,15 @@ def scan(counts, index, starts, tasks, flags, score, loss_pos, loss_neg):
                 if not f & RUN:
                     continue
                 s = score[j]
+                b = bins[j]
                 for r in range(rows):
                     n_run = run_all[r]
                     p_run = run_pos[r]
                     two_u[r] += (n_run - p_run) * (2 * seen_pos[r] + p_run)
                     seen[r] += n_run
                     seen_pos[r] += p_run
-                    bin_pos[r] += p_run
-                    bin_score[r] += n_run * s
+                    bin_pos[b, r] += p_run
+                    bin_score[b, r] += n_run * s
                 if k == 0:
                     lp = loss_pos[j]
                     ln = loss_neg[j]
@@ -126,23 +124,21 @@ def scan(counts, index, starts, tasks, flags, score, loss_pos, loss_neg):
                         p_run = run_pos[r]
                         ap[r] += p_run * (seen_pos[r] / max(seen[r], 1))
                         loss[r] += p_run * lp + (run_all[r] - p_run) * ln
-                if f & BIN:
-                    for r in range(rows):
-                        calibration[r] += abs(bin_pos[r] - bin_score[r])
-                        bin_pos[r] = 0
-                        bin_score[r] = 0.0
                 if f & CUT:
                     tp[:] = seen_pos
                     selected[:] = seen
                 run_all[:] = 0
                 run_pos[:] = 0
             for r in range(rows):
+                calibration = 0.0
+                for b in range(n_bins):
+                    calibration += abs(bin_pos[b, r] - bin_score[b, r])
                 ints[r, k, 0] = seen[r]
                 ints[r, k, 1] = seen_pos[r]
                 ints[r, k, 2] = tp[r]
                 ints[r, k, 3] = selected[r]
                 ints[r, k, 4] = two_u[r]
-                reals[r, k, 0] = calibration[r]
+                reals[r, k, 0] = calibration
                 reals[r, k, 1] = ap[r]
                 reals[r, k, 2] = loss[r]
     return ints, reals

@@ -71,7 +71,7 @@ class _Plan:
     come as a matrix C (R, M): in resample r, the sample at plan position i is drawn
     ``C[r, at[i]]`` times (a row of ones is the point estimate). Each subset (all samples, then
     every group of every attribute) is a list of plan positions in score order, flagged where
-    a run of equal scores, a calibration bin and the predicted positives begin;
+    a run of equal scores and the predicted positives begin;
     :func:`fairbench.kernels.scan` walks every list once per resample and returns integer
     counts (n, positives, TP, selected, twice the Mann-Whitney U) and the few real sums
     (calibration, average precision, log loss). Every rate and AUC is a ratio of integers,
@@ -99,12 +99,11 @@ class _Plan:
         pred = (s >= threshold)[self.index]
         score = s[self.index]
         flags = (first | _changes(score)) * kernels.RUN
-        flags |= (first | _changes(bins)) * kernels.BIN
         flags |= (pred & (first | _changes(pred))) * kernels.CUT
         flags |= (y[self.index] == 1) * kernels.POSITIVE
         eps = np.finfo(np.float64).eps
         q = np.clip(s, eps, 1 - eps)
-        self.entries = (flags.astype(np.uint8), score, -np.log(q), -np.log(1 - q))
+        self.entries = (flags.astype(np.uint8), score, bins.astype(np.uint8), ECE_BINS, -np.log(q), -np.log(1 - q))
 
     def _subset_rows(self, a):
         yield "", np.arange(a.shape[0])
