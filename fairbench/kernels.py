@@ -43,17 +43,25 @@ def tasks(starts: np.ndarray) -> np.ndarray:
 @njit(parallel=True, cache=True, nogil=True)
 def count_draws(picks: np.ndarray, sizes: np.ndarray, rows: int) -> np.ndarray:
     """Draw counts (sum(sizes), rows), int32, strata one after another, from the within-stratum
-    picks: stratum after stratum, a (rows, size) block of indices into it, flattened."""
-    counts = np.zeros((sizes.sum(), rows), np.int32)
+    picks: stratum after stratum, a (rows, size) block of indices into it, flattened. Each
+    resample is counted in its own row of a per-stratum buffer (small enough for the cache),
+    then written out in tiles of 16 members."""
+    counts = np.empty((sizes.sum(), rows), np.int32)
     firsts = np.zeros(sizes.size, np.int64)
     firsts[1:] = np.cumsum(sizes)[:-1]
     for k in prange(sizes.size):
         first = firsts[k]
         size = sizes[k]
+        local = np.zeros((rows, size), np.int32)
         for r in range(rows):
+            row = local[r]
             block = first * rows + r * size
             for t in range(size):
-                counts[first + picks[block + t], r] += 1
+                row[picks[block + t]] += 1
+        for lo in range(0, size, 16):
+            for r in range(rows):
+                for m in range(lo, min(size, lo + 16)):
+                    counts[first + m, r] = local[r, m]
     return counts
 
 
