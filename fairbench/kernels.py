@@ -105,38 +105,38 @@ def scan(counts, index, starts, tasks, flags, score, bins, n_bins, loss_pos, los
             bin_score = np.zeros((n_bins, rows))
             ap = np.zeros(rows)
             loss = np.zeros(rows)
+            first = k == 0
             for j in range(starts[k + 1] - 1, starts[k] - 1, -1):
                 i = index[j]
                 f = flags[j]
                 label = np.int64(f >> 2)
-                for r in range(rows):
-                    c = np.int64(counts[i, r])
-                    run_all[r] += c
-                    run_pos[r] += c * label
                 if not f & RUN:
+                    for r in range(rows):
+                        c = np.int64(counts[i, r])
+                        run_all[r] += c
+                        run_pos[r] += c * label
                     continue
                 s = score[j]
                 b = bins[j]
+                lp = loss_pos[j] if first else 0.0
+                ln = loss_neg[j] if first else 0.0
                 for r in range(rows):
-                    n_run = run_all[r]
-                    p_run = run_pos[r]
+                    c = np.int64(counts[i, r])
+                    n_run = run_all[r] + c
+                    p_run = run_pos[r] + c * label
+                    run_all[r] = 0
+                    run_pos[r] = 0
                     two_u[r] += (n_run - p_run) * (2 * seen_pos[r] + p_run)
                     seen[r] += n_run
                     seen_pos[r] += p_run
                     bin_pos[b, r] += p_run
                     bin_score[b, r] += n_run * s
-                if k == 0:
-                    lp = loss_pos[j]
-                    ln = loss_neg[j]
-                    for r in range(rows):
-                        p_run = run_pos[r]
+                    if first:
                         ap[r] += p_run * (seen_pos[r] / max(seen[r], 1))
-                        loss[r] += p_run * lp + (run_all[r] - p_run) * ln
+                        loss[r] += p_run * lp + (n_run - p_run) * ln
                 if f & CUT:
                     tp[:] = seen_pos
                     selected[:] = seen
-                run_all[:] = 0
-                run_pos[:] = 0
             for r in range(rows):
                 calibration = 0.0
                 for b in range(n_bins):
