@@ -1,10 +1,10 @@
 """Every number fairbench reports, computed from (score, label, attribute codes).
 
-Each metric is written for a weight matrix ``W`` of shape (R, N): row r weights sample i by
-``W[r, i]``. The point estimate is the single row of ones; a bootstrap resample is a row of
-draw counts. One code path therefore gives both the values and their confidence intervals, and
-the bootstrap is a handful of matrix operations per block of resamples rather than a Python loop
-per resample.
+Each metric is written for a count matrix ``C`` of shape (R, N): row r draws sample i
+``C[r, i]`` times. The point estimate is the single row of ones; a bootstrap resample is a row of
+draw counts. One code path therefore gives both the values and their confidence intervals; the
+counts are integers and every rate and AUC is a ratio of integer sums, so a resample's values
+equal those computed on the materialised resample.
 
 Definitions follow scikit-learn (ROC AUC with ties counted one half, average precision as the
 step-wise sum over distinct thresholds, log loss clipped at machine epsilon) and fairlearn
@@ -19,10 +19,13 @@ undefined (AUC without both classes, TPR without positives, FPR without negative
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fairbench import kernels
 
 ECE_BINS = 10
 THRESHOLD_RULES = ("youden", "f1")
@@ -43,63 +46,14 @@ def group_key(name: str) -> str:
 # --------------------------------------------------------------------------- count kernels
 
 
-def _log_loss_terms(p, y):
-    eps = np.finfo(np.float64).eps
-    q = np.clip(p, eps, 1 - eps)
-    return -(y * np.log(q) + (1 - y) * np.log(1 - q))
-
-
 def _ratio(num, den):
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
 
 
-class _Ranks:
-    """ROC AUC (ties count one half) of one subset, for integer sample counts.
-
-    The subset's samples are in ascending score order. With ``cum`` the cumulative counts
-    (a zero row first), a positive in a run of equal scores from ``start`` to ``end`` has
-    ``(cum[start] + cum[end + 1]) / 2`` samples below it (ties counted one half). Summed over
-    positives this counts every (positive, negative) pair once and every (positive, positive)
-    pair once, so ``2U = sum_pos c * (cum[start] + cum[end + 1]) - P**2``. Everything is an
-    integer, hence exact; only the final ratio is a float.
-    """
-
-    def __init__(self, s: np.ndarray, y: np.ndarray) -> None:
-        n = s.size
-        new_run = np.r_[True, s[1:] != s[:-1]] if n else np.zeros(0, bool)
-        run = np.cumsum(new_run) - 1
-        starts = np.flatnonzero(new_run)
-        ends = np.r_[starts[1:], n] - 1 if n else np.zeros(0, np.int64)
-        self.pos = np.flatnonzero(y == 1)
-        self.lo = starts[run[self.pos]]
-        self.hi = ends[run[self.pos]] + 1
-        self.y = y
-        self.starts, self.ends = starts, ends
-
-    def auc(self, C: np.ndarray) -> np.ndarray:
-        """AUC per column of the counts ``C`` (n, R), int32, rows in this subset's order."""
-        cum = np.zeros((C.shape[0] + 1, C.shape[1]), np.int32)
-        np.cumsum(C, axis=0, dtype=np.int32, out=cum[1:])
-        cpos = C[self.pos]
-        P = cpos.sum(axis=0, dtype=np.int64)
-        total = cum[-1].astype(np.int64)
-        two_u = np.einsum("ij,ij->j", cpos, cum[self.lo] + cum[self.hi], dtype=np.int64) - P * P
-        return _ratio(two_u.astype(np.float64), 2.0 * P * (total - P))
-
-    def average_precision(self, C: np.ndarray) -> np.ndarray:
-        """Average precision per column: the step-wise sum over distinct scores, high to low."""
-        cum = np.zeros((C.shape[0] + 1, C.shape[1]), np.int64)
-        np.cumsum(C, axis=0, out=cum[1:])
-        cy = np.zeros_like(cum)
-        np.cumsum(C * self.y[:, None].astype(C.dtype), axis=0, out=cy[1:])
-        P, total = cy[-1], cum[-1]
-        at_or_above = total - cum[self.starts]  # samples scoring >= each distinct score
-        pos_above = P - cy[self.starts]
-        pos_here = cy[self.ends + 1] - cy[self.starts]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = np.where(at_or_above > 0, pos_above / at_or_above, 0.0)
-        return _ratio((pos_here * precision).sum(axis=0), P.astype(np.float64))
+def _changes(x: np.ndarray) -> np.ndarray:
+    """Whether each entry differs from the one before it (the first always does)."""
+    return np.r_[True, x[1:] != x[:-1]][: x.size]
 
 
 def _gap(per_group: list[np.ndarray], rows: int) -> np.ndarray:
@@ -113,12 +67,15 @@ def _gap(per_group: list[np.ndarray], rows: int) -> np.ndarray:
 class _Plan:
     """Everything about one split that does not depend on the sample counts, prepared once.
 
-    Samples are put in ascending score order (every metric is invariant to the order), so each
-    subset (all samples, each group) is already sorted and needs no sort per resample. Counts
-    come as a matrix C (N, R): sample i is drawn C[i, r] times in resample r (a column of ones
-    is the point estimate). Every metric that is a ratio of sums (rates, log loss, the per-bin
-    calibration sums) is read from one product ``M.T @ C``; AUC and AP come from integer
-    cumulative counts (:class:`_Ranks`), so every value is exact.
+    Samples are put in ascending score order (every metric is invariant to the order). Counts
+    come as a matrix C (R, M): in resample r, the sample at plan position i is drawn
+    ``C[r, at[i]]`` times (a row of ones is the point estimate). Each subset (all samples, then
+    every group of every attribute) is a list of plan positions in score order, flagged where
+    a run of equal scores and the predicted positives begin;
+    :func:`fairbench.kernels.scan` walks every list once per resample and returns integer
+    counts (n, positives, TP, selected, twice the Mann-Whitney U) and the few real sums
+    (calibration, average precision, log loss). Every rate and AUC is a ratio of integers,
+    hence exact.
     """
 
     def __init__(self, s, y, a, attributes, threshold, included):
@@ -128,26 +85,28 @@ class _Plan:
         self.a = a
         self.attributes = attributes
         self.included = included
-        pred = (s >= threshold).astype(np.float64)
-        bins = np.minimum((s * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-        onehot = np.zeros((s.size, ECE_BINS))
-        onehot[np.arange(s.size), bins] = y - s
-        columns = [np.ones_like(s), (pred == y).astype(np.float64), _log_loss_terms(s, y)]
-        self.subsets = []  # (metric prefix, rows or None, ranks, first column of M)
+        self.prefixes = []
+        members = []
         for prefix, rows in self._subset_rows(a):
-            m = np.ones(s.size)
-            if rows is not None:
-                m = np.zeros(s.size)
-                m[rows] = 1.0
-            first = len(columns)
-            columns += [m, m * y, m * y * pred, m * (1 - y) * pred, m * pred]
-            columns += list((onehot * m[:, None]).T)
-            ranks = _Ranks(s, y) if rows is None else _Ranks(s[rows], y[rows])
-            self.subsets.append((prefix, rows, ranks, first))
-        self.MT = np.stack(columns, axis=0)
+            self.prefixes.append(prefix)
+            members.append(rows)
+        self.index = np.concatenate(members).astype(np.int32)
+        self.starts = np.r_[0, np.cumsum([m.size for m in members])].astype(np.int64)
+        first = np.zeros(self.index.size, bool)
+        first[self.starts[:-1][self.starts[:-1] < self.index.size]] = True
+        # numpy's indexing rule for a bin index (a negative score wraps, as in a one-hot column)
+        bins = np.arange(ECE_BINS)[np.minimum((s * ECE_BINS).astype(np.int64), ECE_BINS - 1)][self.index]
+        pred = (s >= threshold)[self.index]
+        score = s[self.index]
+        flags = (first | _changes(score)) * kernels.RUN
+        flags |= (pred & (first | _changes(pred))) * kernels.CUT
+        flags |= (y[self.index] == 1) * kernels.POSITIVE
+        eps = np.finfo(np.float64).eps
+        q = np.clip(s, eps, 1 - eps)
+        self.entries = (flags.astype(np.uint8), score, bins.astype(np.uint8), ECE_BINS, -np.log(q), -np.log(1 - q))
 
     def _subset_rows(self, a):
-        yield "", None
+        yield "", np.arange(a.shape[0])
         for i, (attr, groups) in enumerate(self.attributes.items()):
             for code, group in enumerate(groups):
                 yield f"{attr}/{{}}/{group_key(group)}", np.flatnonzero(a[:, i] == code)
@@ -163,22 +122,31 @@ class _Plan:
         bounds = np.flatnonzero(np.diff(cell[order])) + 1
         return np.split(order, bounds)
 
-    def compute(self, C: np.ndarray) -> dict[str, np.ndarray]:
-        """Every metric as an (R,) array for sample counts C (N, R) int32 in this plan's order."""
-        S = (self.MT @ C).T
+    def compute(self, C: np.ndarray, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every metric as an (R,) array for sample counts C (M, R) int32, one column per
+        resample; ``at`` gives each plan position's row (default: the rows are in plan order)."""
+        index = self.index if at is None else at[self.index].astype(np.int32)
+        C = np.ascontiguousarray(C, dtype=np.int32)
+        ints, reals = kernels.scan(C, index, self.starts, kernels.tasks(self.starts), *self.entries)
         rows = C.shape[1]
         out: dict[str, np.ndarray] = {}
-        for prefix, sub, ranks, c in self.subsets:
-            n, pos, tp, fp, sel = (S[:, c + k] for k in range(5))
-            ece = _ratio(np.abs(S[:, c + 5 : c + 5 + ECE_BINS]).sum(axis=1), n)
-            Cs = C if sub is None else C[sub]
-            auc = ranks.auc(Cs) if ranks.pos.size else np.full(rows, np.nan)
-            values = {"auc": auc, "tpr": _ratio(tp, pos), "fpr": _ratio(fp, n - pos), "ece": ece}
-            if sub is None:
-                values.update(ap=ranks.average_precision(Cs), accuracy=_ratio(S[:, 1], n), bce=_ratio(S[:, 2], n))
+        for k, prefix in enumerate(self.prefixes):
+            n, pos, tp, selected, two_u = (ints[:, k, j] for j in range(5))
+            values = {
+                "auc": _ratio(two_u.astype(np.float64), 2.0 * pos * (n - pos)),
+                "tpr": _ratio(tp, pos),
+                "fpr": _ratio(selected - tp, n - pos),
+                "ece": _ratio(reals[:, k, 0], n),
+            }
+            if k == 0:
+                values.update(
+                    ap=_ratio(reals[:, 0, 1], pos),
+                    accuracy=_ratio(tp + (n - pos - (selected - tp)), n),
+                    bce=_ratio(reals[:, 0, 2], n),
+                )
                 out.update(values)
             else:
-                values["selection_rate"] = _ratio(sel, n)
+                values["selection_rate"] = _ratio(selected, n)
                 out.update({prefix.format(name): v for name, v in values.items()})
         for attr, groups in self.attributes.items():
             keys = [group_key(g) for g in groups]
@@ -364,10 +332,13 @@ def evaluate(
 def _draw_all(plan: _Plan, n_bootstrap: int, seed: int) -> dict[str, np.ndarray]:
     """Every metric over ``n_bootstrap`` stratified resamples drawn from ``seed``."""
     rng = np.random.default_rng(seed)
-    strata = plan.strata()
+    sizes, members = _layout(plan.strata())
+    at = np.empty(members.size, np.int64)
+    at[members] = np.arange(members.size)  # the row of the counts of each plan position
     parts: dict[str, list[np.ndarray]] = {}
-    for rows in _blocks_of(n_bootstrap, plan.y.size):
-        for k, v in plan.compute(stratified_counts(rng, strata, plan.y.size, rows)).items():
+    for rows, picks in _drawn_ahead(rng, sizes, _blocks_of(n_bootstrap, plan.y.size)):
+        counts = kernels.count_draws(picks, sizes, rows)
+        for k, v in plan.compute(counts, at).items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -389,15 +360,42 @@ def _percentile_ci(draws, values, confidence) -> tuple[dict[str, tuple[float, fl
     return ci, int(bad.sum()) if bad is not None else 0
 
 
+def _layout(strata: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The strata's sizes and their members one stratum after another: the columns of the
+    draw counts that :func:`fairbench.kernels.count_draws` returns."""
+    return np.array([m.size for m in strata], np.int64), np.concatenate(strata)
+
+
+def _draw_picks(rng: np.random.Generator, sizes: np.ndarray, rows: int) -> np.ndarray:
+    """For ``rows`` resamples, each stratum's uniform draws with replacement within itself: stratum
+    after stratum, an (rows, size) block of indices into it, flattened. The generator is called
+    once per stratum, in stratum order, as it always has been, so a seed gives the same draws."""
+    picks = np.empty(rows * int(sizes.sum()), np.int32)
+    first = 0
+    for size in sizes:
+        picks[first : first + rows * size] = rng.integers(0, size, size=rows * size, dtype=np.int32)
+        first += rows * size
+    return picks
+
+
+def _drawn_ahead(rng: np.random.Generator, sizes: np.ndarray, blocks: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Each block's size and picks, in order; the next block is drawn in a background thread
+    while the caller counts and scans this one (one thread draws every block, in order, so the
+    stream is the same as drawing them one after another)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = [pool.submit(_draw_picks, rng, sizes, rows) for rows in blocks[:1]]
+        for i, rows in enumerate(blocks):
+            picks = ahead.pop().result()
+            ahead += [pool.submit(_draw_picks, rng, sizes, later) for later in blocks[i + 1 : i + 2]]
+            yield rows, picks
+
+
 def stratified_counts(rng: np.random.Generator, strata: list[np.ndarray], n: int, rows: int) -> np.ndarray:
     """``rows`` stratified bootstrap resamples as draw counts, shape (n, rows), int32: every
     stratum (an array of positions) is redrawn with replacement within itself."""
-    counts = np.empty((n, rows), np.int32)
-    for members in strata:
-        size = members.size
-        picks = rng.integers(0, size, size=(rows, size), dtype=np.int64)
-        flat = picks + (np.arange(rows, dtype=np.int64) * size)[:, None]
-        counts[members] = np.bincount(flat.ravel(), minlength=rows * size).reshape(rows, size).T
+    sizes, members = _layout(strata)
+    counts = np.zeros((n, rows), np.int32)
+    counts[members] = kernels.count_draws(_draw_picks(rng, sizes, rows), sizes, rows)
     return counts
 
 
@@ -429,21 +427,22 @@ def paired_bootstrap(
     plans = [_Plan(np.asarray(s, dtype=np.float64).ravel(), y, a, attributes, t, included) for s, t in predictions]
     rng = np.random.default_rng(seed)
     # strata in sample order (the same for every plan: they depend on labels and codes only)
-    strata = [plans[0].order[m] for m in plans[0].strata()]
+    sizes, members = _layout([plans[0].order[m] for m in plans[0].strata()])
+    row = np.empty(members.size, np.int64)
+    row[members] = np.arange(members.size)  # the row of the counts of each sample
     draws: list[dict[str, list[np.ndarray]]] = [{} for _ in plans]
-    for rows in _blocks_of(n_bootstrap, y.size):
-        C = stratified_counts(rng, strata, y.size, rows)  # in sample order: the same for every plan
+    for rows, picks in _drawn_ahead(rng, sizes, _blocks_of(n_bootstrap, y.size)):
+        counts = kernels.count_draws(picks, sizes, rows)  # the same for every plan
         for out, plan in zip(draws, plans, strict=True):
-            for k, v in plan.compute(C[plan.order]).items():
+            for k, v in plan.compute(counts, row[plan.order]).items():
                 out.setdefault(k, []).append(v)
     return [{k: np.concatenate(v) for k, v in out.items()} for out in draws]
 
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve; NaN unless both classes are present."""
-    s, y, _ = _as_arrays(scores, labels, None, {})
-    order = np.argsort(s, kind="stable")
-    return float(_Ranks(s[order], y[order]).auc(np.ones((s.size, 1), np.int32))[0])
+    s, y, a = _as_arrays(scores, labels, None, {})
+    return float(_Plan(s, y, a, {}, 0.5, {}).compute(np.ones((s.size, 1), np.int32))["auc"][0])
 
 
 def select_threshold(scores, labels, rule: str | float) -> float:

@@ -128,23 +128,108 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert flat["auc_ci_low"] == r1.ci["auc"][0]
 
 
-def test_bootstrap_counts_equal_sklearn_on_the_resample():
-    # the integer-count kernels must equal scikit-learn on the materialised resample, exactly
+UNEVEN = {"site": ["a", "b", "c", "d", "e"], "sex": ["female", "male"], "scanner": ["x", "y"]}
+
+
+def uneven_data(n=400, seed=12):
+    """Ties (scores on a 0.05 grid, the threshold one of them), groups of very different sizes
+    (the smallest with 2 positives and 2 negatives) and unknown codes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = np.round(np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1) * 20) / 20
+    site = rng.choice(4, n, p=[0.7, 0.2, 0.07, 0.03])
+    site[:4] = 4
+    y[:4] = [1, 1, 0, 0]
+    sex = rng.choice([-1, 0, 1], n, p=[0.1, 0.6, 0.3])
+    scanner = rng.integers(0, 2, n)
+    return s, y, np.stack([site, sex, scanner], axis=1)
+
+
+def plain_metrics(s, y, a, attributes, threshold):
+    """Every metric of one (materialised) sample, from scikit-learn, fairlearn and plain loops."""
+
+    def ece(s, y):
+        bins = np.minimum((s * 10).astype(int), 9)
+        return sum(abs((y[bins == b] - s[bins == b]).sum()) for b in range(10)) / len(s)
+
+    pred = (s >= threshold).astype(int)
+    out = {
+        "auc": roc_auc_score(y, s),
+        "ap": average_precision_score(y, s),
+        "bce": log_loss(y, s, labels=[0, 1]),
+        "accuracy": accuracy_score(y, pred),
+        "tpr": true_positive_rate(y, pred),
+        "fpr": false_positive_rate(y, pred),
+        "ece": ece(s, y),
+    }
+    for col, (attr, groups) in enumerate(attributes.items()):
+        per = {"auc": [], "tpr": [], "fpr": [], "selection_rate": []}
+        for code, g in enumerate(groups):
+            m = a[:, col] == code
+            values = {
+                "auc": roc_auc_score(y[m], s[m]),
+                "tpr": true_positive_rate(y[m], pred[m]),
+                "fpr": false_positive_rate(y[m], pred[m]),
+                "selection_rate": pred[m].mean(),
+            }
+            for name, v in values.items():
+                out[f"{attr}/{name}/{g}"] = v
+                per[name].append(v)
+            out[f"{attr}/ece/{g}"] = ece(s[m], y[m])
+        gaps = {name: max(v) - min(v) for name, v in per.items()}
+        out.update({f"{attr}/{name}_gap": gaps[name] for name in ("auc", "tpr", "fpr")})
+        out[f"{attr}/eo_gap"] = max(gaps["tpr"], gaps["fpr"])
+        out[f"{attr}/dp_gap"] = gaps["selection_rate"]
+        out[f"{attr}/worst_auc"] = min(per["auc"])
+        out[f"{attr}/es_auc"] = out["auc"] / (1 + sum(abs(out["auc"] - g) for g in per["auc"]))
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.37])
+def test_bootstrap_resamples_equal_plain_metrics_on_the_materialised_resample(threshold):
+    # every metric of every resample, from the compiled count scan, against scikit-learn on the
+    # resample written out sample by sample (ties, uneven groups, unknown codes)
     from fairbench import metrics
 
-    s, y, a = random_data(n=200, seed=9, ties=True)
-    plan = metrics._Plan(s, y.astype(float), a, ATTRS, 0.5, {})
-    C = metrics.stratified_counts(np.random.default_rng(0), plan.strata(), len(s), 4)
+    s, y, a = uneven_data()
+    plan = metrics._Plan(s, y.astype(float), a, UNEVEN, threshold, {})
+    C = metrics.stratified_counts(np.random.default_rng(0), plan.strata(), len(s), 6)
     out = plan.compute(C)
-    for r in range(4):
+    for r in range(C.shape[1]):
         idx = plan.order[np.repeat(np.arange(len(s)), C[:, r])]
-        assert out["auc"][r] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
-        assert out["ap"][r] == pytest.approx(average_precision_score(y[idx], s[idx]), abs=1e-12)
-        assert out["bce"][r] == pytest.approx(log_loss(y[idx], s[idx]), abs=1e-12)
-        group = a[idx, 0] == 1
-        assert out["site/auc/b"][r] == pytest.approx(roc_auc_score(y[idx][group], s[idx][group]), abs=1e-12)
-        tpr = true_positive_rate(y[idx][group], s[idx][group] >= 0.5)
-        assert out["site/tpr/b"][r] == pytest.approx(tpr, abs=1e-12)
+        expected = plain_metrics(s[idx], y[idx], a[idx], UNEVEN, threshold)
+        assert set(expected) == set(out)
+        for key, value in expected.items():
+            assert out[key][r] == pytest.approx(value, abs=1e-9), key
+
+
+def old_stratified_counts(rng, strata, n, rows):
+    """The draw counts as first written (one bincount per stratum), shape (n, rows)."""
+    counts = np.empty((n, rows), np.int32)
+    for members in strata:
+        size = members.size
+        picks = rng.integers(0, size, size=(rows, size), dtype=np.int64)
+        flat = picks + (np.arange(rows, dtype=np.int64) * size)[:, None]
+        counts[members] = np.bincount(flat.ravel(), minlength=rows * size).reshape(rows, size).T
+    return counts
+
+
+def test_bootstrap_draws_are_those_of_the_seed():
+    # the compiled counts come from the same generator calls as the first implementation: a
+    # seed gives the same resamples (uneven strata, one of a single sample)
+    from fairbench import metrics
+
+    s, y, a = uneven_data()
+    y[4] = 1 - y[4]
+    a[4] = [2, -1, 1]  # very likely alone in its stratum
+    plan = metrics._Plan(s, y.astype(float), a, UNEVEN, 0.5, {})
+    strata = plan.strata()
+    assert min(m.size for m in strata) == 1
+    for seed, rows in ((0, 7), (3, 1)):
+        new = metrics.stratified_counts(np.random.default_rng(seed), strata, len(s), rows)
+        old = old_stratified_counts(np.random.default_rng(seed), strata, len(s), rows)
+        assert new.shape == (len(s), rows)
+        np.testing.assert_array_equal(new, old)
 
 
 def test_bootstrap_is_stratified_by_group_and_label():
@@ -152,15 +237,44 @@ def test_bootstrap_is_stratified_by_group_and_label():
 
     s, y, a = random_data(n=300, seed=3)
     plan = metrics._Plan(s, y.astype(float), a, ATTRS, 0.5, {})
-    C = metrics.stratified_counts(np.random.default_rng(1), plan.strata(), len(s), 50)
-    ys, sites = plan.y, plan.a[:, 0]
+    C = metrics.stratified_counts(np.random.default_rng(1), plan.strata(), len(s), 2000)
+    ys, sites, sexes = plan.y, plan.a[:, 0], plan.a[:, 1]
     for code in range(4):
-        for label in (0, 1):
-            cell = (sites == code) & (ys == label)
-            # every resample holds exactly as many draws of this group and label as the data
-            assert (C[cell].sum(axis=0) == cell.sum()).all()
-    assert C.sum(axis=0).tolist() == [len(s)] * 50
+        for sex in range(2):
+            for label in (0, 1):
+                cell = (sites == code) & (sexes == sex) & (ys == label)
+                # every resample holds exactly as many draws of this cell as the data
+                assert (C[cell].sum(axis=0) == cell.sum()).all()
+                # uniform with replacement within the cell: each member is drawn
+                # Binomial(size, 1/size) times
+                size = cell.sum()
+                counts = C[cell]
+                assert abs(counts.mean() - 1.0) < 5 * np.sqrt((1 - 1 / size) / counts.size)
+                assert counts.var() == pytest.approx(1 - 1 / size, rel=0.1)
+    assert C.sum(axis=0).tolist() == [len(s)] * 2000
     assert len({tuple(C[:, r]) for r in range(50)}) == 50  # and the resamples differ
+
+
+def test_paired_bootstrap_evaluates_every_prediction_on_the_same_resamples():
+    from fairbench import metrics
+
+    s, y, a = uneven_data(n=200, seed=13)
+    other = np.clip(s + np.random.default_rng(1).normal(0, 0.1, len(s)), 0, 1)
+    first, second = metrics.paired_bootstrap([(s, 0.5), (other, 0.4)], y, a, UNEVEN, n_bootstrap=5, seed=4, min_count=1)
+    # the first prediction alone gives exactly evaluate's draws for that seed
+    plan = metrics._Plan(s, y.astype(float), a, UNEVEN, 0.5, {})
+    alone = metrics._draw_all(plan, 5, 4)
+    assert set(alone) == set(first)
+    for key in alone:
+        np.testing.assert_array_equal(alone[key], first[key])
+    # the second is evaluated on the very same resamples (strata in sample order)
+    strata = [plan.order[m] for m in plan.strata()]
+    C = metrics.stratified_counts(np.random.default_rng(4), strata, len(s), 5)
+    for r in range(5):
+        idx = np.repeat(np.arange(len(s)), C[:, r])
+        expected = plain_metrics(other[idx], y[idx], a[idx], UNEVEN, 0.4)
+        for key in ("auc", "ap", "bce", "site/auc/e", "sex/tpr_gap", "scanner/ece/y"):
+            assert second[key][r] == pytest.approx(expected[key], abs=1e-9), key
 
 
 def test_small_group_is_reported_and_left_out_of_the_gaps():
