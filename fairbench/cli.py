@@ -29,7 +29,7 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: any active run was recorded as KILLED, any partial cache removed", err=True)
+            click.echo("interrupted: any active run was recorded as KILLED", err=True)
             sys.exit(130)
 
     return wrapper
@@ -238,7 +238,8 @@ _RUN_OPTIONS = [
     click.option(
         "--attribute",
         default=None,
-        help="Attribute given to attribute-aware methods in training [default: the dataset's first]. "
+        help="Attribute given to attribute-aware methods in training [default: the dataset's first]; "
+        "two crossed, e.g. race×sex (or race*sex, race_x_sex), are intersectional groups. "
         "Evaluation always covers every attribute.",
     ),
     click.option(
