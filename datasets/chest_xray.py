@@ -130,23 +130,33 @@ def subject_race(subjects: pd.Series, texts: pd.Series, path: Path, column: str)
     return chosen.set_index("subject")["text"], conflicts
 
 
-def read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
-    """A CSV (plain or gzipped) or xlsx table as strings, with ``required`` columns checked."""
+def read_table(path: Path, required: tuple[str, ...], what: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV (plain or gzipped) or xlsx table as strings, with ``required`` columns checked.
+
+    CSVs are read with only the ``required`` and present ``extra`` columns, so a large table
+    (MIMIC's 377k-row metadata) costs memory only for what the protocol uses.
+    """
     try:
         if path.suffix.lower() == ".xlsx":
             frame = pd.read_excel(path, dtype=str, engine="openpyxl")
+            columns = [str(c).strip() for c in frame.columns]
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            columns = [str(c).strip() for c in pd.read_csv(path, nrows=0).columns]
     except Exception as exc:  # any parser error: the file is not the published table
         raise FairbenchError(f"{path}: not a readable table ({type(exc).__name__}: {exc}); {what}") from None
-    frame = frame.fillna("")
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in required if c not in frame.columns]
+    missing = [c for c in required if c not in columns]
     if missing:
         raise FairbenchError(
-            f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(frame.columns[:12])}); {what}"
+            f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(columns[:12])}); {what}"
         )
-    return frame
+    if path.suffix.lower() != ".xlsx":
+        wanted = [*required, *(c for c in extra if c in columns)]
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: str(c).strip() in wanted)
+        except Exception as exc:
+            raise FairbenchError(f"{path}: not a readable table ({type(exc).__name__}: {exc}); {what}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame.fillna("")
 
 
 def check_values(frame: pd.DataFrame, column: str, allowed: dict[str, object] | set[str], path: Path) -> None:

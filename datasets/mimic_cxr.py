@@ -132,7 +132,7 @@ def read_demographics(folder: Path) -> tuple[pd.DataFrame, pd.Series, set]:
             f"{patients_path}: anchor_age value {patients['anchor_age'][bad].iloc[0]!r} is not a number; {IV_FIX}"
         )
     admissions_path = table_path(folder, "admissions", IV_FIX)
-    admissions = read_table(admissions_path, ("subject_id",), IV_FIX)
+    admissions = read_table(admissions_path, ("subject_id",), IV_FIX, extra=("race", "ethnicity"))
     column = next((c for c in ("race", "ethnicity") if c in admissions.columns), None)
     if column is None:
         raise FairbenchError(f"{admissions_path}: missing column race (MIMIC-IV ≥ 2.0) or ethnicity (1.0); {IV_FIX}")

@@ -106,7 +106,10 @@ def cross_table(
     out = {k: list(v) for k, v in attributes.items()}
     table = table.copy() if names else table
     for name in names:
-        a, b = parts(name) or (name, name)
+        pair = parts(name)
+        if pair is None:
+            raise ValueError(f"'{name}' is not a crossing of two attributes")
+        a, b = pair
         key = canonical(name)
         table[key] = codes(table[a].to_numpy(), table[b].to_numpy(), len(out[b]))
         out[key] = groups(out[a], out[b])

@@ -85,7 +85,10 @@ def building(data_dir: Path, name: str, key: dict[str, Any], fresh: bool = False
     try:
         if fresh or not record.is_file() or json.loads(record.read_text()) != wanted:
             for child in partial.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         record.write_text(json.dumps(wanted, indent=2))
         yield partial
     except FairbenchError:
@@ -201,7 +204,9 @@ def load(data_dir: Path, name: str) -> tuple[np.ndarray, pd.DataFrame, dict[str,
 def counts_report(meta: pd.DataFrame, attributes: dict[str, list[str]]) -> dict[str, Any]:
     """Counts per split x label x group for each attribute (code -1 reported as 'unknown')."""
     report: dict[str, Any] = {"total": len(meta), "splits": {}}
-    for split, part in meta.groupby("split", sort=False):
+    order = {"train": 0, "val": 1, "test": 2}
+    for split in sorted(meta["split"].unique(), key=lambda s: (order.get(s, 3), str(s))):
+        part = meta[meta["split"] == split]
         entry: dict[str, Any] = {
             "n": len(part),
             "label": {str(k): int(v) for k, v in part["label"].value_counts().sort_index().items()},
