@@ -229,6 +229,10 @@ class ChestXray(Dataset):
         """Each image's view as PA, AP or another string (lateral and the rest)."""
         raise NotImplementedError
 
+    def frontal(self, meta: pd.DataFrame) -> np.ndarray:
+        """Whether each image is a frontal view, as the dataset defines it."""
+        return np.isin(self.view_positions(meta), ["PA", "AP"])
+
     def raw_codes(self, meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sex codes, age in years (NaN unknown) and race text of every image."""
         raise NotImplementedError
@@ -251,7 +255,7 @@ class ChestXray(Dataset):
         texts = pd.Series(race_text, dtype=object).fillna("")
         out["race"] = texts.map({t: race_code(t) for t in pd.unique(texts)}).to_numpy(np.int64)
         view = self.view_positions(meta)
-        keep = np.isin(view, ["PA", "AP"]) if self.views == "frontal" else np.ones(len(meta), dtype=bool)
+        keep = self.frontal(meta) if self.views == "frontal" else np.ones(len(meta), dtype=bool)
         if self.views in ("pa", "ap"):
             keep = view == self.views.upper()
         if self.uncertain == "drop":

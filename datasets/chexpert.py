@@ -135,6 +135,10 @@ class CheXpert(ChestXray):
         frontal = meta["Frontal/Lateral"].to_numpy() == "Frontal"
         return np.where(frontal, meta["AP/PA"].fillna("").to_numpy(), "LATERAL")
 
+    def frontal(self, meta: pd.DataFrame) -> np.ndarray:
+        """``Frontal/Lateral == Frontal``, whatever ``AP/PA`` says (it is blank for some frontal views)."""
+        return meta["Frontal/Lateral"].to_numpy() == "Frontal"
+
     def raw_codes(self, meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sex = meta["Sex"].fillna("").str.lower().map(SEX).to_numpy(np.int64)
         age = pd.to_numeric(meta["Age"], errors="coerce").to_numpy(np.float64)

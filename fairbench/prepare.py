@@ -146,8 +146,7 @@ def decode_images(
         del images  # the file exists with its header; workers open it themselves
         (folder / DECODED).write_text("")
         (folder / DECODE).write_text(json.dumps(key))
-    starts = range(0, n, CHUNK)
-    todo = [c for c in range(len(starts)) if c not in done]
+    todo = [c for c in range(-(-n // CHUNK)) if c not in done]
     infos: list[dict[str, Any]] = [_NO_INFO] * n
     for c, got in done.items():
         if got:

@@ -190,7 +190,8 @@ def write_chexpert(
         for study in range(1, 2 + p % 2):
             positive = (p + study) % 3 == 0
             findings = _findings(rng, positive)
-            views = [("Frontal", ["AP", "PA"][(p + study) % 2])] + ([("Lateral", "")] if p % 4 == 0 else [])
+            position = "" if p % 7 == 0 else ["AP", "PA"][(p + study) % 2]  # some frontal views lack AP/PA
+            views = [("Frontal", position)] + ([("Lateral", "")] if p % 4 == 0 else [])
             for v, (fl, appa) in enumerate(views, 1):
                 rel = f"{part}/{patient}/study{study}/view{v}_{fl.lower()}.jpg"
                 lines[part].append([f"{folder}/{rel}", sex, age, fl, appa, *findings])

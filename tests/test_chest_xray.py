@@ -78,6 +78,8 @@ def test_chexpert_cache_codes_and_report(chexpert):
     # frontal views only by default; the rest is excluded, not in any split
     assert (meta.loc[meta["Frontal/Lateral"] == "Lateral", "split"] == "excluded").all()
     assert set(meta.loc[meta["Frontal/Lateral"] == "Frontal", "split"]) == {"train", "val", "test"}
+    blank = (meta["Frontal/Lateral"] == "Frontal") & meta["AP/PA"].isna()
+    assert blank.any() and (meta.loc[blank, "split"] != "excluded").all()  # frontal even without AP/PA
     assert (meta["label"] == (meta["No Finding"] == 1)).all()
 
 
