@@ -153,7 +153,7 @@ def decode_images(
             infos[c * CHUNK : c * CHUNK + len(got)] = got
     target = str(folder / cache.IMAGES)
     workers = default_workers() if workers is None else workers
-    bar = _Bar(n, n - sum(min(CHUNK, n - c * CHUNK) for c in done), progress)
+    bar = _Bar(n, sum(min(CHUNK, n - c * CHUNK) for c in done), progress)
 
     def jobs() -> Iterator[tuple[int, tuple[Any, ...]]]:
         for c in todo:

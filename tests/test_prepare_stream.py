@@ -30,6 +30,14 @@ def prepare(source, data_dir, *extra):
     return CliRunner().invoke(main, [*args, "--size", "32", *extra])
 
 
+class _NoBar:
+    def advance(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
 @pytest.fixture
 def counted(monkeypatch):
     monkeypatch.setattr(prepare_module, "CHUNK", 8)
@@ -42,6 +50,8 @@ def counted(monkeypatch):
 
 
 def test_interrupted_prepare_resumes_without_decoding_finished_chunks(tmp_path, counted, monkeypatch):
+    bars = []
+    monkeypatch.setattr(prepare_module, "_Bar", lambda total, completed, enabled: bars.append(completed) or _NoBar())
     info = write_chexpert(tmp_path / "raw", n_patients=30)
     data = tmp_path / "data"
     LIMIT.append(20)  # chunks 0 and 1 (16 files) finish, chunk 2 is cut off after 4 files
@@ -57,6 +67,7 @@ def test_interrupted_prepare_resumes_without_decoding_finished_chunks(tmp_path, 
     out = prepare(tmp_path / "raw", data)
     assert out.exit_code == 0, out.output
     assert not partial.exists()
+    assert bars == [0, 16]  # the progress bar starts where the interrupted run stopped
     n = len(first) - 4 + len(CALLS)
     assert set(CALLS).isdisjoint(first[:16])  # finished chunks are not decoded again
     assert CALLS[:4] == first[16:]  # the cut-off chunk is decoded from its start
