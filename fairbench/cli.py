@@ -29,7 +29,7 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: any active run was recorded as KILLED, any partial cache removed", err=True)
+            click.echo("interrupted: any active run was recorded as KILLED", err=True)
             sys.exit(130)
 
     return wrapper
@@ -143,6 +143,9 @@ def prepare(
     if done.reused:
         click.echo(f"{dataset} is already prepared in {done.folder} from this source (--force rebuilds it)")
     _print_report(dataset, done.report)
+    for key, value in done.report.items():  # dataset-specific counts, e.g. subjects left out
+        if key not in ("total", "splits", "skipped_missing"):
+            click.echo(f"{key.replace('_', ' ')}: {value}")
     if done.report.get("skipped_missing"):
         click.echo(f"warning: {done.report['skipped_missing']} listed image(s) were missing and left out", err=True)
     if not done.reused:
@@ -238,7 +241,8 @@ _RUN_OPTIONS = [
     click.option(
         "--attribute",
         default=None,
-        help="Attribute given to attribute-aware methods in training [default: the dataset's first]. "
+        help="Attribute given to attribute-aware methods in training [default: the dataset's first]; "
+        "two crossed, e.g. race×sex (or race*sex, race_x_sex), are intersectional groups. "
         "Evaluation always covers every attribute.",
     ),
     click.option(
@@ -473,7 +477,9 @@ def suite(path: str, results_dir: str, tracking_uri: str | None, storage: str | 
 
 @main.command()
 @click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
-@click.option("--attribute", "attributes", multiple=True, help="Only these attributes (repeatable).")
+@click.option(
+    "--attribute", "attributes", multiple=True, help="Only these attributes (repeatable; race×sex for a crossing)."
+)
 @click.option(
     "--metric",
     "metrics",
@@ -521,11 +527,12 @@ def leaderboard(
     from pathlib import Path
 
     from fairbench import leaderboard as lb
+    from fairbench.attributes import canonical
     from fairbench.tracking import resolve_tracking_uri
 
     runs = lb.load_runs(resolve_tracking_uri(results_dir, tracking_uri), suite=suite)
     board = lb.build(runs, n_bootstrap=bootstrap, correction=correction)
-    table, shown = lb.filtered(board, datasets, attributes, metrics)
+    table, shown = lb.filtered(board, datasets, tuple(canonical(a) for a in attributes), metrics)
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = lb.to_markdown(table, board.ranks, shown, board.notes, correction)

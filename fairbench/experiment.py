@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 
+from fairbench import attributes as crossed
 from fairbench import options, registry, tracking
 from fairbench.analysis import inject_label_bias, neural_collapse_by_group, neuron_incidence, parse_label_bias
 from fairbench.config import RunConfig
-from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.errors import FairbenchError
 from fairbench.metrics import THRESHOLD_RULES, Report, evaluate, select_threshold
 from fairbench.model import create_backbone
 from fairbench.trainer import EpochCallback, FitResult, Predictions, fit, seed_everything
@@ -58,15 +59,14 @@ def resolve(config: RunConfig) -> RunConfig:
     if config.label_bias:
         parse_label_bias(config.label_bias, dataset_cls.attributes)
     attributes = list(dataset_cls.attributes)
-    if config.attribute is not None and config.attribute not in attributes:
-        raise UnknownNameError(
-            f"dataset '{config.dataset}' has no attribute '{config.attribute}'; attributes: {', '.join(attributes)}"
-        )
+    attribute = config.attribute
+    if attribute is not None:
+        attribute = crossed.resolve(attribute, dataset_cls.attributes, config.dataset)
     return replace(
         config,
         method_options={**options.defaults(method_cls), **config.method_options},
         dataset_options={**options.defaults(dataset_cls), **config.dataset_options},
-        attribute=config.attribute or (attributes[0] if attributes else None),
+        attribute=attribute or (attributes[0] if attributes else None),
         image_size=config.image_size or dataset_cls.default_image_size,
     )
 
@@ -97,6 +97,8 @@ def run_experiment(
     seed_everything(config.train.seed)
     splits = dataset.load(data_dir, config.image_size)
     splits = replace(splits, label_names=tuple(dataset.label_names), folder=data_dir / dataset.name)
+    # crossings the dataset evaluates by default, and the training attribute when it is one
+    splits = crossed.add_crossed(splits, [*getattr(dataset, "crossings", ()), *filter(None, [config.attribute])])
     flipped = None
     if config.label_bias:
         column, code, fraction = parse_label_bias(config.label_bias, splits.attributes)
