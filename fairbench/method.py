@@ -69,6 +69,8 @@ class Method(nn.Module):
     uses_attributes_at_test: ClassVar[bool] = False
     """True for methods that need the sensitive attribute of each sample to predict (e.g. a
     group-specific normalisation); shown by ``fairbench list`` and on the leaderboard."""
+    clip_grad_norm: float | None = None
+    """When set, the trainer clips the gradient norm of all parameters to it after each backward."""
 
     def __init__(self, backbone: Backbone, info: TrainInfo) -> None:
         super().__init__()

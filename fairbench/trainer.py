@@ -264,6 +264,8 @@ def fit(
                 parts = method.loss(out, batch)
                 optimizer.zero_grad(set_to_none=True)
                 parts["loss"].backward()
+                if method.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), method.clip_grad_norm)
                 optimizer.step()
                 n = x.shape[0]
                 for k, v in parts.items():
