@@ -252,3 +252,17 @@ def test_stridenet_runs_from_the_cli_and_logs_its_loss_parts(tmp_path, monkeypat
     assert run.data.params["method.label_embeddings"] == "auto"
     for key in ("train/bce", "train/confusion", "train/attr_ce", "train/got", "train/w", "train/gw", "train/l1"):
         assert math.isfinite(client.get_metric_history(run_id, key)[0].value), key
+
+
+def test_stridenet_is_registered_and_its_search_space_draws_declared_options():
+    import optuna
+
+    from fairbench import options, registry
+
+    cls = registry.methods.get("stridenet")
+    assert cls is StrideNet and cls.uses_attributes
+    drawn = {"confusion_weight": 0.2, "got_weight": 1.0, "l1_weight": 1e-4}
+    space = cls.search_space(optuna.trial.FixedTrial(drawn))
+    assert space == drawn
+    assert set(space) <= set(options.declared(cls))
+    assert options.defaults(cls)["confusion_weight"] == 0.2
