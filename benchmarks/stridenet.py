@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--backbone", action="append", default=None, help="only these backbones (repeatable)")
     parser.add_argument("--steps", type=int, default=2, help="batches per timed pass")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed passes per variant")
     parser.add_argument("--append", default=None, help="append the table to this markdown file")
@@ -106,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     rows = []
-    for backbone in BACKBONES:
+    for backbone in args.backbone or BACKBONES:
         times = step_times(backbone, args.batch, args.steps, args.rounds)
         cpu0, wall0 = times["erm"]
         for variant, (cpu, wall) in times.items():

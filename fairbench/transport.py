@@ -117,7 +117,9 @@ def got_distance(
     """(GOT, W, GW) per batch element between point clouds ``x`` (B, n, d) and ``y`` (B, m, d).
 
     Costs are cosine distances, pruned by :func:`threshold_cost`; ``weight`` (B, n, m)
-    restricts W's transport; GOT = gw_share * GW + (1 - gw_share) * W.
+    restricts W's transport; GOT = gw_share * GW + (1 - gw_share) * W. ``detach_plan`` applies
+    to W; GW is always differentiated at its fixed plan (the gradient POT's
+    ``gromov_wasserstein2`` gives), which spares the backward pass through its many iterations.
     """
     cross = threshold_cost(cosine_cost(x, y), threshold)
     w = wasserstein(cross, weight, beta, iterations, detach_plan)
@@ -126,5 +128,5 @@ def got_distance(
     else:
         c1 = threshold_cost(cosine_cost(x, x), threshold)
         c2 = threshold_cost(cosine_cost(y, y), threshold)
-        gw = gromov_wasserstein(c1, c2, beta, iterations, gw_outer, detach_plan)
+        gw = gromov_wasserstein(c1, c2, beta, iterations, gw_outer, detach_plan=True)
     return gw_share * gw + (1.0 - gw_share) * w, w, gw

@@ -27,8 +27,9 @@ forward pass at construction, so it follows the run's image size.
 
 Choices where the description is silent (each an option, see the README): the mask enters W's
 kernel as a factor, i.e. as an extra cost -beta * log M (``ot_mask=kernel``; ``none`` ignores
-it); gradients flow through the unrolled IPOT iterations, so the mask is trained by W
-(``ot_grad=unrolled``; ``plan_detached`` differentiates the costs only); the IPOT step
+it); gradients flow through W's unrolled IPOT iterations, so the mask is trained by W
+(``ot_grad=unrolled``; ``plan_detached`` differentiates the costs only), while GW is always
+differentiated at its fixed plan, as POT's ``gromov_wasserstein2`` does; the IPOT step
 ``ipot_beta`` = 0.5 and ``gw_outer`` = 5 linearisations of GW; the thresholds use each
 matrix's own min and max; GW compares the token-token and label-label cosine costs after the
 projection; the confusion loss does not update the attribute head (``confusion_head_grad``,

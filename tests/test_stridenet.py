@@ -266,3 +266,14 @@ def test_stridenet_is_registered_and_its_search_space_draws_declared_options():
     assert space == drawn
     assert set(space) <= set(options.declared(cls))
     assert options.defaults(cls)["confusion_weight"] == 0.2
+
+
+def test_gw_gradient_is_pots_gradient_at_the_optimal_plan():
+    c1 = threshold_cost(cosine_cost(X, X), 0.1).requires_grad_()
+    c2 = threshold_cost(cosine_cost(Y, Y), 0.1).requires_grad_()
+    gromov_wasserstein(c1, c2, EXACT["beta"], EXACT["iterations"], EXACT["gw_outer"], detach_plan=True).sum().backward()
+    p1 = c1.detach()[0].clone().requires_grad_()
+    p2 = c2.detach()[0].clone().requires_grad_()
+    ot.gromov.gromov_wasserstein2(p1, p2, uniform(4), uniform(3), loss_fun="square_loss").backward()
+    assert torch.allclose(c1.grad[0], p1.grad, atol=1e-5)
+    assert torch.allclose(c2.grad[0], p2.grad, atol=1e-5)
