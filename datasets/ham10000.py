@@ -136,6 +136,15 @@ class HAM10000(Dataset):
         "age": ["<60", "≥60"],
         "age5": ["0–19", "20–39", "40–59", "60–79", "80+"],
     }
+    label_names: ClassVar[tuple[str, ...]] = (
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    )
     in_chans: ClassVar[int] = 3
     default_image_size: ClassVar[int] = 224
     cache_size: ClassVar[int] = 256

@@ -112,6 +112,7 @@ class OCTRNFL(Dataset):
         "age": ["<60", "≥60"],
         "ethnicity": ["non-Hispanic", "Hispanic"],
     }
+    label_names: ClassVar[tuple[str, ...]] = ("glaucoma", "no glaucoma")
     in_chans: ClassVar[int] = 1
     default_image_size: ClassVar[int] = 200
     cache_size: ClassVar[int] = 200

@@ -55,6 +55,7 @@ class Synthetic(Dataset):
 
     name: ClassVar[str] = "synthetic"
     attributes: ClassVar[dict[str, list[str]]] = ATTRIBUTES
+    label_names: ClassVar[tuple[str, ...]] = ("lesion with a ring", "lesion without a ring")
     in_chans: ClassVar[int] = 3
     default_image_size: ClassVar[int] = 48
     needs_prepare: ClassVar[bool] = False

@@ -591,6 +591,30 @@ def print_leaderboard(console: Any, table: Any, ranks: Any, shown: list[str], co
     console.print(lb.footnote(correction), soft_wrap=False)
 
 
+@main.command("embed-labels")
+@click.argument("dataset")
+@click.option(
+    "--model",
+    default="dmis-lab/biobert-base-cased-v1.2",
+    show_default=True,
+    help="Local model: a Hugging Face name already in the cache, or the folder of a saved model.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of prepared datasets [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+)
+@_fail_cleanly
+def embed_labels(dataset: str, model: str, data_dir: str | None) -> None:
+    """Embed a dataset's finding names with a local language model, offline (for stridenet)."""
+    from fairbench.config import RunConfig
+    from fairbench.embeddings import embed_dataset
+
+    path = embed_dataset(dataset, model, RunConfig(data_dir=data_dir).resolved_data_dir())
+    click.echo(f"wrote {path}")
+
+
 @main.group()
 def analyze() -> None:
     """Analyses of a finished run: neural collapse per subgroup, neuron incidence."""

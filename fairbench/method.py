@@ -85,6 +85,9 @@ class Method(nn.Module):
     method (it must also set ``uses_attributes``) is called as ``method(x, group=codes)`` in
     training and prediction, codes -1 where unknown. Where an option decides it, override
     :meth:`attributes_at_test`."""
+    clip_grad_norm: float | None = None
+    """When set, the default :meth:`train_step` clips the gradient norm of all parameters to it
+    after each backward pass."""
 
     def __init__(self, backbone: Backbone, info: TrainInfo) -> None:
         super().__init__()
@@ -125,6 +128,8 @@ class Method(nn.Module):
         parts = forward_loss()
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip_grad_norm)
         optimizer.step()
         return parts
 
