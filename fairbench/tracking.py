@@ -79,9 +79,7 @@ def quote(value: str) -> str:
         return f"'{value}'"
     if '"' not in value and not value.endswith("\\"):
         return f'"{value}"'
-    raise FairbenchError(
-        f"'{value}' cannot be searched in MLflow: it holds both quote characters or ends in a backslash"
-    )
+    raise FairbenchError(f"'{value}' cannot be searched in MLflow: it holds both quote kinds or ends in a backslash")
 
 
 def tag_filter(status: str | None = None, **tags: Any) -> str:

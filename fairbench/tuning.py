@@ -29,6 +29,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import threading
 import time
 import warnings
@@ -207,10 +208,16 @@ def study_lock(storage_url: str, name: str) -> Iterator[None]:
         return
     import sqlalchemy
 
-    if storage_url not in _ENGINES:
-        _ENGINES[storage_url] = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
     key = zlib.crc32(name.encode()) - 2**31
-    with _ENGINES[storage_url].connect() as conn:
+    try:
+        if storage_url not in _ENGINES:
+            _ENGINES[storage_url] = sqlalchemy.create_engine(
+                storage_url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
+            )
+        conn = _ENGINES[storage_url].connect()
+    except Exception as exc:
+        raise storage_error(storage_url, exc) from None
+    with conn:
         conn.execute(sqlalchemy.text("select pg_advisory_lock(:key)"), {"key": key})
         try:
             yield
@@ -219,7 +226,10 @@ def study_lock(storage_url: str, name: str) -> Iterator[None]:
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
-    """Optuna's RDB storage at ``url`` with heartbeats on, a dead worker's trial retried once."""
+    """Optuna's RDB storage at ``url`` with heartbeats on, a dead worker's trial retried once.
+
+    Call under :func:`study_lock`: a new SQLite database is created beside its final name and
+    moved into place, so a worker killed while creating it leaves none half-built."""
     import optuna
 
     if grace_period <= heartbeat_interval:
@@ -232,7 +242,12 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
         engine["connect_args"] = {"timeout": 60}
     elif url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}
+    path = tracking.sqlite_path(url)
     try:
+        if path is not None and not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            optuna.storages.RDBStorage(f"sqlite:///{tmp}").engine.dispose()
+            os.replace(tmp, path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
@@ -243,11 +258,16 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FairbenchError(
-            f"cannot open the Optuna storage {tracking.redact(url)}: {first}; fix --storage "
-            "(e.g. sqlite:///results/optuna.db or postgresql+psycopg://user:password@host/db)"
-        ) from None
+        raise storage_error(url, exc) from None
+
+
+def storage_error(url: str, exc: Exception) -> FairbenchError:
+    """One line saying which storage failed and why, without its password."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return FairbenchError(
+        f"cannot open the Optuna storage {tracking.redact(url)}: {tracking.redact(first)}; fix --storage "
+        "(e.g. sqlite:///results/optuna.db or postgresql+psycopg://user:password@host/db)"
+    )
 
 
 def _trial_id(study: Any, number: int) -> int:
