@@ -285,15 +285,16 @@ def reap_dead_trials(study: Any) -> list[int]:
 
     running = optuna.trial.TrialState.RUNNING
     before = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
+    storage = study._storage
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    storage = study._storage
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
     for trial in study.get_trials(deepcopy=False, states=(running,)):
         if tracking.worker_alive(trial.user_attrs.get(WORKER_ATTR)) is False:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(_trial_id(study, trial.number), state=optuna.trial.TrialState.FAIL):
-                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, copy.deepcopy(trial))
+                    retry(study, copy.deepcopy(trial))
     return sorted(before - {t.number for t in study.get_trials(deepcopy=False, states=(running,))})
 
 

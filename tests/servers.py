@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def _server_user() -> str | None:
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
             return name
-    pytest.skip("running as root and no unprivileged 'postgres' or 'nobody' account to run PostgreSQL as")
+    raise UnavailableError("running as root and no unprivileged 'postgres' or 'nobody' account to run PostgreSQL as")
 
 
 @dataclass
@@ -75,12 +76,16 @@ class Postgres:
         return self.url(name)
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A private PostgreSQL on 127.0.0.1, stopped at the end of the session."""
+class UnavailableError(RuntimeError):
+    """The server's binaries are missing here; tests that need it are skipped."""
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL on 127.0.0.1 in a temporary folder, stopped and removed on exit."""
     binaries = postgres_bin()
     if binaries is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's 'postgresql' package")
+        raise UnavailableError("PostgreSQL binaries (initdb, pg_ctl) not found; install Debian's 'postgresql' package")
     user = _server_user()
     folder = Path(tempfile.mkdtemp(prefix="fairbench-pg-"))
     data = folder / "data"
@@ -106,7 +111,7 @@ def postgres():
         pg("pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-o", options, "-w", "-t", "120", "start")
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(folder, ignore_errors=True)
-        pytest.fail(f"PostgreSQL did not start: {exc.stderr or exc.stdout}")
+        raise RuntimeError(f"PostgreSQL did not start: {exc.stderr or exc.stdout}") from None
     try:
         yield Postgres(port=port, folder=folder)
     finally:
@@ -127,27 +132,44 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
     raise RuntimeError(f"the MLflow server did not answer within {seconds:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(postgres, tmp_path_factory):
-    """An MLflow tracking server on 127.0.0.1 with its runs in PostgreSQL; yields its URL."""
+@contextlib.contextmanager
+def running_mlflow_server(postgres: Postgres, folder: Path) -> Iterator[str]:
+    """An MLflow tracking server on 127.0.0.1 with runs in ``postgres`` and artifacts in
+    ``folder``; yields its URL and stops it (and its workers) on exit."""
     backend = postgres.create_database("mlflow")
-    artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("mlflow-server") / "server.log", "w")  # noqa: SIM115
     command = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-        "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--artifacts-destination", (folder / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",
     ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(url, proc, seconds=240)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group it leads
+    with open(folder / "server.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
+            wait_healthy(url, proc, seconds=300)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: the group it leads
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL for the session; the test is skipped where its binaries are missing."""
+    try:
+        with running_postgres() as server:
+            yield server
+    except UnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """An MLflow tracking server on PostgreSQL for the session; yields its URL."""
+    with running_mlflow_server(postgres, tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
