@@ -264,6 +264,16 @@ FAULTS = [
 ]
 
 
+def header(repeats: int, seed: int) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"### Fault table ({stamp})\n\n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"`nice -n 10 python benchmarks/faults.py --repeats {repeats} --seed {seed}`.\n\n"
+        "| fault injected | how often | expected | found | note |\n| --- | --- | --- | --- | --- |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1, help="injections per fault")
@@ -272,28 +282,24 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     started = time.monotonic()
-    rows = []
+    print(header(args.repeats, args.seed), flush=True)  # rows follow as each fault is done
+
+    def row(values: tuple[str, ...]) -> None:
+        print("| " + " | ".join(values) + " |", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="fairbench-faults-") as tmp:
         folder = Path(tmp)
         for name, fault in FAULTS:
             expected, found, note = fault(folder, args.repeats, rng)
-            rows.append((name, f"x{args.repeats}", expected, found, note))
-            print(f"done: {name} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+            row((name, f"x{args.repeats}", expected, found, note))
         if args.no_servers:
-            rows += [(n, "-", "-", "not measured: --no-servers", "") for n in ("server rows",)]
+            row(("PostgreSQL / MLflow server faults", "-", "-", "not measured: --no-servers", ""))
         else:
             server = folder / "servers"
             server.mkdir()
-            rows += server_faults(server, args.repeats, rng)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"### Fault table ({stamp})\n")
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"`nice -n 10 python benchmarks/faults.py --repeats {args.repeats} --seed {args.seed}`, "
-          f"{time.monotonic() - started:.0f} s.\n")  # fmt: skip
-    print("| fault injected | how often | expected | found | note |")
-    print("| --- | --- | --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+            for values in server_faults(server, args.repeats, rng):
+                row(values)
+    print(f"\nTotal {time.monotonic() - started:.0f} s.")
 
 
 if __name__ == "__main__":
