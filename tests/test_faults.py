@@ -15,7 +15,6 @@ import optuna
 from click.testing import CliRunner
 from tiny import TINY_DATA, TINY_RUN
 
-from fairbench import tracking
 from fairbench.cli import main
 
 RUN = [sys.executable, "-m", "fairbench.cli", "run", "--method", "erm", *TINY_RUN, *TINY_DATA, "--epochs", "1"]
@@ -55,7 +54,8 @@ def test_eight_concurrent_runs_share_one_new_sqlite_store(tmp_path):
 def test_a_damaged_store_is_refused_and_left_as_it_was(tmp_path):
     results = tmp_path / "results"
     db = results / "mlflow.db"
-    tracking.open_store(f"sqlite:///{db}")
+    db.parent.mkdir()
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()  # a healthy store, made by another program
     with sqlite3.connect(db) as con:  # what an interrupted migration leaves behind
         con.execute("create table _alembic_tmp_tags (key text)")
     before = hashlib.sha256(db.read_bytes()).hexdigest()
