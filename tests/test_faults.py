@@ -89,7 +89,7 @@ def test_a_suite_killed_at_a_random_point_resumes_without_redoing_or_duplicating
     path.write_text(SUITE)
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "fairbench.cli", "suite", str(path), "--results-dir", str(results)]
-    delay = random.Random(os.environ.get("FAIRBENCH_FAULT_SEED")).uniform(5, 40)
+    delay = random.Random(os.environ.get("FAIRBENCH_FAULT_SEED")).uniform(5, 60)
     print(f"SIGKILL after {delay:.1f} s")
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
