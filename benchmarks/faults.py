@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import random
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -269,7 +270,7 @@ def header() -> str:
     return (
         f"### Fault table ({stamp})\n\n"
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"`nice -n 10 python benchmarks/faults.py {' '.join(sys.argv[1:])}`.\n\n"
+        f"`nice -n 10 python benchmarks/faults.py {shlex.join(sys.argv[1:])}`.\n\n"
         "| fault injected | how often | expected | found | note |\n| --- | --- | --- | --- | --- |"
     )
 
