@@ -14,6 +14,7 @@ from fairbench.errors import FairbenchError
 def _client(tracking_uri: str, run_id: str) -> Any:
     import mlflow
 
+    tracking.open_store(tracking_uri, create=False)
     tracking.use_store(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     try:

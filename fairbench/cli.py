@@ -357,6 +357,24 @@ def _run_config(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], k
     )
 
 
+def heartbeat_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How a worker signals it is alive, and when a silent one counts as dead; shared by tune and suite."""
+    fn = click.option(
+        "--grace-period",
+        type=click.IntRange(min=2),
+        default=120,
+        show_default=True,
+        help="Seconds without a heartbeat after which another worker's trial or run counts as dead.",
+    )(fn)
+    return click.option(
+        "--heartbeat-interval",
+        type=click.IntRange(min=1),
+        default=60,
+        show_default=True,
+        help="Seconds between heartbeats of a running trial or run.",
+    )(fn)
+
+
 @main.command()
 @run_options
 @click.option(
@@ -383,6 +401,7 @@ def _run_config(method_pairs: tuple[str, ...], dataset_pairs: tuple[str, ...], k
 @click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Stop starting trials after this many s.")
 @click.option("--sampler-seed", type=int, default=0, show_default=True)
+@heartbeat_options
 @_fail_cleanly
 def tune(
     method_pairs,
@@ -395,6 +414,8 @@ def tune(
     pruner,
     timeout,
     sampler_seed,
+    heartbeat_interval,
+    grace_period,
     **kw: Any,
 ) -> None:
     """Tune a method's hyperparameters on validation metrics with Optuna (resumable, shareable)."""
@@ -415,6 +436,8 @@ def tune(
         pruner=pruner,
         timeout=timeout,
         sampler_seed=sampler_seed,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
     )
     result = run_tune(cfg, progress=False)
     written = save_front(result, Path(cfg.base.results_dir) / "studies", names)
@@ -447,19 +470,38 @@ def _print_best(result: Any, objectives: list[str]) -> None:
 @click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option("--tracking-uri", default=None, help="MLflow store (or $MLFLOW_TRACKING_URI).")
 @click.option("--storage", default=None, help="Optuna storage URL [default: sqlite:///<results-dir>/optuna.db].")
+@heartbeat_options
 @_fail_cleanly
-def suite(path: str, results_dir: str, tracking_uri: str | None, storage: str | None) -> None:
+def suite(
+    path: str,
+    results_dir: str,
+    tracking_uri: str | None,
+    storage: str | None,
+    heartbeat_interval: int,
+    grace_period: int,
+) -> None:
     """Run a suite: tune every dataset x method with one budget, retrain on seeds, compare."""
     from click import get_current_context
 
     from fairbench import suite as suites
 
     spec = suites.load(path)
-    counts = suites.run_suite(spec, results_dir, tracking_uri, storage, say=click.echo)
+    counts = suites.run_suite(
+        spec,
+        results_dir,
+        tracking_uri,
+        storage,
+        say=click.echo,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+    )
     click.echo(
         f"suite {spec.name}: {counts['trials']} new trials, {counts['runs']} new runs, "
         f"{counts['skipped_runs']} finished runs kept"
+        + (f", {counts['elsewhere']} runs still training in other workers" if counts["elsewhere"] else "")
     )
+    if counts["orphans"]:
+        click.echo(f"marked {counts['orphans']} run(s) of dead workers KILLED; their seeds trained again", err=True)
     get_current_context().invoke(
         leaderboard,
         suite=spec.name,

@@ -122,7 +122,7 @@ def load_runs(tracking_uri: str, suite: str | None = None) -> Runs:
     tracking.use_store(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     ids = [e.experiment_id for e in client.search_experiments()]
-    query = "tags.`fairbench.kind` = 'run'" + (f" and tags.`fairbench.suite` = '{suite}'" if suite else "")
+    query = tracking.tag_filter(kind="run", **({"suite": suite} if suite else {}))
     found = client.search_runs(ids, filter_string=query, max_results=50000) if ids else []
     rows, skipped = [], 0
     for run in found:

@@ -11,28 +11,66 @@ Trials never score the test split.
 Sampling is reproducible per trial: the sampler that draws trial ``n`` is seeded from
 ``sampler_seed`` and ``n``, so a resumed study draws what an uninterrupted one would, and
 workers sharing a study draw different points.
+
+Options given in the base configuration (``-o`` or a suite's method options) are fixed: they are
+taken out of the search space and used as given. Objective directions come from
+:data:`DIRECTIONS`, a table per metric, never from the metric's spelling.
+
+Workers die: every trial records its worker and beats a heartbeat in the storage (Optuna's
+heartbeat, ``heartbeat_interval`` / ``grace_period``). Before it asks for a trial a worker fails
+the trials of dead workers (a worker on the same machine whose process is gone at once, others
+once their heartbeat is older than the grace period), queues each for one retry with the same
+parameters, and marks their MLflow runs KILLED, so a dead worker never holds the budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import math
+import os
+import threading
 import time
+import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from fairbench import registry, tracking
+from fairbench import options, registry, tracking
 from fairbench.config import RunConfig
-from fairbench.errors import FairbenchError
+from fairbench.errors import FairbenchError, UnknownNameError
 from fairbench.experiment import resolve, run_experiment
 
-MINIMIZE = ("gap", "bce", "ece")
 COUNTED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+WORKER_ATTR = "worker"
+
+# Direction of every metric a tuning objective may name (fairbench.metrics), by its position:
+# ``val/<metric>``, ``val/<attribute>/<metric>`` and ``val/<attribute>/<metric>/<group>``.
+DIRECTIONS: dict[str, dict[str, str]] = {
+    "overall": {
+        "auc": "maximize",
+        "ap": "maximize",
+        "accuracy": "maximize",
+        "tpr": "maximize",
+        "fpr": "minimize",
+        "bce": "minimize",
+        "ece": "minimize",
+        "epoch_auc": "maximize",
+    },
+    "attribute": {
+        "auc_gap": "minimize",
+        "tpr_gap": "minimize",
+        "fpr_gap": "minimize",
+        "eo_gap": "minimize",
+        "dp_gap": "minimize",
+        "worst_auc": "maximize",
+        "es_auc": "maximize",
+    },
+    "group": {"auc": "maximize", "tpr": "maximize", "fpr": "minimize", "ece": "minimize"},
+}
 
 
 @dataclass
@@ -48,9 +86,11 @@ class TuneConfig:
     timeout: float | None = None
     sampler_seed: int = 0
     extra_tags: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval: int = tracking.Heartbeat.interval
+    grace_period: int = tracking.Heartbeat.grace
 
     def name(self) -> str:
-        return self.study_name or f"{self.base.method}-{self.base.dataset}"
+        return tracking.safe_name(self.study_name or f"{self.base.method}-{self.base.dataset}", "study name")
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.base.results_dir).resolve() / 'optuna.db'}"
@@ -64,9 +104,37 @@ class TuneResult:
     new_trials: int
 
 
-def direction(objective: str) -> str:
-    """Gaps and losses are minimised; AUC-like scores are maximised."""
-    return "minimize" if any(objective.endswith(m) for m in MINIMIZE) else "maximize"
+def direction(objective: str, attributes: dict[str, list[str]] | None = None) -> str:
+    """``minimize`` or ``maximize`` for a validation metric, from :data:`DIRECTIONS`.
+
+    With ``attributes`` (attribute -> groups), attribute and group names are checked too.
+    """
+    parts = objective.split("/")
+    if parts[0] != "val" or len(parts) < 2:
+        raise FairbenchError(
+            f"objective '{objective}': tuning uses validation metrics only; use e.g. val/auc or val/sex/eo_gap"
+        )
+    where = {2: "overall", 3: "attribute", 4: "group"}.get(len(parts))
+    table = DIRECTIONS.get(where or "", {})
+    metric = parts[2] if len(parts) >= 3 else parts[1]
+    if where is None or metric not in table:
+        known = ", ".join(
+            [f"val/{m}" for m in DIRECTIONS["overall"]]
+            + [f"val/<attr>/{m}" for m in DIRECTIONS["attribute"]]
+            + [f"val/<attr>/{m}/<group>" for m in DIRECTIONS["group"]]
+        )
+        raise FairbenchError(f"objective '{objective}' is not a metric fairbench can tune; use one of: {known}")
+    if attributes is not None and len(parts) >= 3:
+        if parts[1] not in attributes:
+            raise FairbenchError(
+                f"objective '{objective}': no attribute '{parts[1]}'; attributes: {', '.join(attributes)}"
+            )
+        if len(parts) == 4 and parts[3] not in attributes[parts[1]]:
+            raise FairbenchError(
+                f"objective '{objective}': attribute '{parts[1]}' has no group '{parts[3]}'; "
+                f"groups: {', '.join(attributes[parts[1]])}"
+            )
+    return table[metric]
 
 
 def shared_space(trial: Any) -> dict[str, float]:
@@ -77,15 +145,35 @@ def shared_space(trial: Any) -> dict[str, float]:
     }
 
 
-def check_objectives(objectives: list[str], attributes: list[str]) -> None:
-    for name in objectives:
-        if not name.startswith("val/"):
-            raise FairbenchError(
-                f"objective '{name}': tuning uses validation metrics only; use e.g. val/auc or val/sex/eo_gap"
-            )
-        parts = name.split("/")
-        if len(parts) == 3 and parts[1] not in attributes:
-            raise FairbenchError(f"objective '{name}': no attribute '{parts[1]}'; attributes: {', '.join(attributes)}")
+def check_objectives(objectives: list[str], attributes: dict[str, list[str]]) -> list[str]:
+    """The direction of each objective; an unknown metric, attribute or group is an error."""
+    return [direction(name, attributes) for name in objectives]
+
+
+class FixedOptions:
+    """A trial whose suggestions for fixed option names return the fixed value without sampling,
+    so a fixed option is neither searched nor recorded among the trial's tuned parameters."""
+
+    def __init__(self, trial: Any, fixed: dict[str, Any]) -> None:
+        self._trial = trial
+        self._fixed = fixed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trial, name)
+
+    def _suggest(self, kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        if name in self._fixed:
+            return self._fixed[name]
+        return getattr(self._trial, kind)(name, *args, **kwargs)
+
+    def suggest_float(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._suggest("suggest_float", name, *args, **kwargs)
+
+    def suggest_int(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._suggest("suggest_int", name, *args, **kwargs)
+
+    def suggest_categorical(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._suggest("suggest_categorical", name, *args, **kwargs)
 
 
 def _pruner(name: str) -> Any:
@@ -98,24 +186,152 @@ def _pruner(name: str) -> Any:
     return optuna.pruners.NopPruner()
 
 
-@contextlib.contextmanager
-def _study_lock(storage_url: str) -> Iterator[None]:
-    """Serialise 'count trials, then ask' between workers on one machine (SQLite storages).
+_ENGINES: dict[str, Any] = {}
 
-    With a shared server storage workers on different machines can overshoot the budget by at
-    most one trial each at the very end; on one machine the budget is exact.
+
+@contextlib.contextmanager
+def study_lock(storage_url: str, name: str) -> Iterator[None]:
+    """Serialise 'count, then claim' between the workers of study ``name``.
+
+    SQLite: a lock file beside the database (workers on one machine). PostgreSQL: a session
+    advisory lock in the database itself, so workers on many machines take turns; the server
+    releases it if the worker dies. Other storages are not locked (the budget may then be
+    exceeded by one trial per extra worker at the very end).
     """
-    if not storage_url.startswith("sqlite:///"):
+    path = tracking.sqlite_path(storage_url)
+    if path is not None:
+        with tracking.file_lock(path.with_suffix(".lock")):
+            yield
+        return
+    if not storage_url.startswith("postgresql"):
         yield
         return
-    path = Path(storage_url[len("sqlite:///") :]).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    import sqlalchemy
+
+    key = zlib.crc32(name.encode()) - 2**31
+    try:
+        if storage_url not in _ENGINES:
+            _ENGINES[storage_url] = sqlalchemy.create_engine(
+                storage_url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
+            )
+        conn = _ENGINES[storage_url].connect()
+    except Exception as exc:
+        raise storage_error(storage_url, exc) from None
+    with conn:
+        conn.execute(sqlalchemy.text("select pg_advisory_lock(:key)"), {"key": key})
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            conn.execute(sqlalchemy.text("select pg_advisory_unlock(:key)"), {"key": key})
+
+
+def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
+    """Optuna's RDB storage at ``url`` with heartbeats on, a dead worker's trial retried once.
+
+    Call under :func:`study_lock`: a new SQLite database is created beside its final name and
+    moved into place, so a worker killed while creating it leaves none half-built."""
+    import optuna
+
+    if grace_period <= heartbeat_interval:
+        raise FairbenchError(
+            f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval} "
+            "(a live worker beats once per interval)"
+        )
+    engine: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        engine["connect_args"] = {"timeout": 60}
+    elif url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
+    path = tracking.sqlite_path(url)
+    try:
+        if path is not None and not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            optuna.storages.RDBStorage(f"sqlite:///{tmp}").engine.dispose()
+            os.replace(tmp, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+    except Exception as exc:
+        raise storage_error(url, exc) from None
+
+
+def storage_error(url: str, exc: Exception) -> FairbenchError:
+    """One line saying which storage failed and why, without its password."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return FairbenchError(
+        f"cannot open the Optuna storage {tracking.redact(url)}: {tracking.redact(first)}; fix --storage "
+        "(e.g. sqlite:///results/optuna.db or postgresql+psycopg://user:password@host/db)"
+    )
+
+
+def _trial_id(study: Any, number: int) -> int:
+    storage = study._storage
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def reap_dead_trials(study: Any) -> list[int]:
+    """Fail the RUNNING trials of dead workers and queue each for one retry; returns their numbers.
+
+    Optuna's heartbeat check covers every worker; a worker on this machine whose process is
+    gone is failed at once, without waiting for the grace period.
+    """
+    import optuna
+
+    running = optuna.trial.TrialState.RUNNING
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
+    storage = study._storage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    for trial in study.get_trials(deepcopy=False, states=(running,)):
+        if tracking.worker_alive(trial.user_attrs.get(WORKER_ATTR)) is False:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                if storage.set_trial_state_values(_trial_id(study, trial.number), state=optuna.trial.TrialState.FAIL):
+                    retry(study, copy.deepcopy(trial))
+    return sorted(before - {t.number for t in study.get_trials(deepcopy=False, states=(running,))})
+
+
+def end_dead_trial_runs(name: str) -> list[str]:
+    """Mark the MLflow runs of dead workers' trials of study ``name`` KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ids = [e.experiment_id for e in tracking.retry_locked(client.search_experiments)]
+    if not ids:
+        return []
+    runs = tracking.retry_locked(
+        client.search_runs, ids, filter_string=tracking.tag_filter(status="RUNNING", study=name, kind="trial")
+    )
+    return tracking.end_orphans(client, runs)
+
+
+@contextlib.contextmanager
+def heartbeat(study: Any, number: int, interval: int) -> Iterator[None]:
+    """Record trial ``number``'s heartbeat in the storage now and every ``interval`` s until the block ends."""
+    storage = study._storage
+    trial_id = _trial_id(study, number)
+    storage.record_heartbeat(trial_id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _parent_run(study: Any, cfg: TuneConfig, base: RunConfig) -> str:
@@ -126,7 +342,7 @@ def _parent_run(study: Any, cfg: TuneConfig, base: RunConfig) -> str:
     client = mlflow.MlflowClient()
     if parent is not None:
         with contextlib.suppress(Exception):
-            client.update_run(parent, status="RUNNING")
+            tracking.retry_locked(client.update_run, parent, status="RUNNING")
             return parent
     experiment = tracking.experiment_id(
         base.dataset, tracking.resolve_tracking_uri(base.results_dir, base.tracking_uri), base.results_dir
@@ -165,39 +381,55 @@ def tune(cfg: TuneConfig, progress: bool = False) -> TuneResult:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = cfg.name()
+    fixed = dict(cfg.base.method_options)
     base = resolve(cfg.base)
     method_cls = registry.methods.get(base.method)
-    attributes = list(registry.datasets.get(base.dataset).attributes)
-    check_objectives(cfg.objectives, attributes)
+    unknown = set(fixed) - set(options.declared(method_cls))
+    if unknown:
+        raise UnknownNameError(f"method '{base.method}' has no option(s) {', '.join(sorted(unknown))}")
+    options.validate(method_cls, fixed, f"method '{base.method}'")
+    directions = check_objectives(cfg.objectives, dict(registry.datasets.get(base.dataset).attributes))
     multi = len(cfg.objectives) > 1
+    tracking.Heartbeat.interval, tracking.Heartbeat.grace = cfg.heartbeat_interval, cfg.grace_period
+    uri = tracking.resolve_tracking_uri(base.results_dir, base.tracking_uri)
+    tracking.check_reachable(uri)
     storage_url = cfg.storage_url()
-    if storage_url.startswith("sqlite:///"):
-        Path(storage_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    with _study_lock(storage_url):
+    sqlite = tracking.sqlite_path(storage_url)
+    if sqlite is not None:
+        sqlite.parent.mkdir(parents=True, exist_ok=True)
+    with study_lock(storage_url, name):
+        storage = open_storage(storage_url, cfg.heartbeat_interval, cfg.grace_period)
         study = optuna.create_study(
-            study_name=cfg.name(),
-            storage=storage_url,
-            directions=[direction(o) for o in cfg.objectives],
+            study_name=name,
+            storage=storage,
+            directions=directions,
             pruner=optuna.pruners.NopPruner() if multi else _pruner(cfg.pruner),
             load_if_exists=True,
         )
-        if [d.name.lower() for d in study.directions] != [direction(o) for o in cfg.objectives]:
+        if [d.name.lower() for d in study.directions] != directions:
             raise FairbenchError(
-                f"study '{cfg.name()}' exists with other objectives; pass another --study-name or the same objectives"
+                f"study '{name}' exists with other objectives; pass another --study-name or the same objectives"
             )
-        tracking.use_store(tracking.resolve_tracking_uri(base.results_dir, base.tracking_uri))
+        tracking.use_store(uri)
         parent = _parent_run(study, cfg, base)
     started = time.monotonic()
     new = 0
     status = "FINISHED"
     try:
         while cfg.timeout is None or time.monotonic() - started < cfg.timeout:
-            with _study_lock(storage_url):
+            with study_lock(storage_url, name):
+                reap_dead_trials(study)
+                end_dead_trial_runs(name)
                 if _counted(study) >= cfg.trials:
                     break
-                trial = study.ask()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = study.ask()
+                trial.set_user_attr(WORKER_ATTR, tracking.worker_id())
             study.sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed * 1_000_003 + trial.number)
-            _run_trial(study, trial, cfg, base, method_cls, parent, multi, progress)
+            with heartbeat(study, trial.number, cfg.heartbeat_interval):
+                _run_trial(study, trial, cfg, base, method_cls, parent, multi, progress, fixed)
             new += 1
     except KeyboardInterrupt:
         status = "KILLED"
@@ -207,11 +439,11 @@ def tune(cfg: TuneConfig, progress: bool = False) -> TuneResult:
     return TuneResult(study=study, best=best_trials(study, cfg.objectives), parent_run_id=parent, new_trials=new)
 
 
-def _run_trial(study, trial, cfg: TuneConfig, base: RunConfig, method_cls, parent: str, multi: bool, progress):
+def _run_trial(study, trial, cfg: TuneConfig, base: RunConfig, method_cls, parent: str, multi: bool, progress, fixed):
     import optuna
 
     shared = shared_space(trial)
-    own = method_cls.search_space(trial)
+    own = method_cls.search_space(FixedOptions(trial, fixed))
     config = replace(
         copy.deepcopy(base),
         method_options={**base.method_options, **own},
@@ -228,7 +460,7 @@ def _run_trial(study, trial, cfg: TuneConfig, base: RunConfig, method_cls, paren
 
     tags = {
         "mlflow.parentRunId": parent,
-        f"{tracking.TAG_PREFIX}study": cfg.name(),
+        f"{tracking.TAG_PREFIX}study": study.study_name,
         f"{tracking.TAG_PREFIX}trial": str(trial.number),
         **cfg.extra_tags,
     }
@@ -282,7 +514,7 @@ def _close_parent(study: Any, cfg: TuneConfig, parent: str, multi: bool, status:
     client = mlflow.MlflowClient()
     best = best_trials(study, cfg.objectives)
     with contextlib.suppress(Exception):
-        client.log_dict(parent, best, "best_trials.json")
+        tracking.retry_locked(client.log_dict, parent, best, "best_trials.json")
         if best and not multi:
             client.log_metric(parent, "best/" + cfg.objectives[0], best[0]["values"][cfg.objectives[0]])
         if multi and best:
@@ -291,7 +523,7 @@ def _close_parent(study: Any, cfg: TuneConfig, parent: str, multi: bool, status:
             fig = pareto_figure(study, cfg.objectives)
             client.log_figure(parent, fig, "pareto_front.png")
             plt.close(fig)
-    client.set_terminated(parent, status)
+    tracking.retry_locked(client.set_terminated, parent, status)
 
 
 def pareto_figure(study: Any, objectives: list[str]) -> Any:
