@@ -61,38 +61,47 @@ def main() -> None:
 )
 @_fail_cleanly
 def list_(data_dir: str | None) -> None:
-    """List the methods and datasets that are installed."""
+    """List the methods and datasets that are installed (from a cached catalog: no torch import)."""
+    from pathlib import Path
+
     from rich.table import Table
 
     from fairbench import registry
-    from fairbench.config import RunConfig
+    from fairbench.paths import default_data_dir
 
-    folder = RunConfig(data_dir=data_dir).resolved_data_dir()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        methods = registry.methods.load_all()
-        datasets = registry.datasets.load_all()
+    folder = Path(data_dir) if data_dir else default_data_dir()
+    found = registry.catalog()
+    broken = []
     console = _console()
     table = Table(title="methods")
     table.add_column("name")
     table.add_column("uses attributes in training")
+    table.add_column("uses attributes at test")
     table.add_column("description")
-    for name, cls in methods.items():
-        table.add_row(name, "yes" if cls.uses_attributes else "no", cls.summary())
+    for name, entry in found["methods"].items():
+        if "error" in entry:
+            broken.append(entry["error"])
+            continue
+        yes_no = ["yes" if entry[k] else "no" for k in ("uses_attributes", "uses_attributes_at_test")]
+        table.add_row(name, *yes_no, entry["summary"])
     console.print(table)
     table = Table(title="datasets")
     table.add_column("name")
     table.add_column("attributes (groups)")
     table.add_column("prepared")
-    for name, cls in datasets.items():
-        attrs = "; ".join(f"{a}: {', '.join(g)}" for a, g in cls.attributes.items())
-        if not cls.needs_prepare:
+    for name, entry in found["datasets"].items():
+        if "error" in entry:
+            broken.append(entry["error"])
+            continue
+        attrs = "; ".join(f"{a}: {', '.join(g)}" for a, g in entry["attributes"].items())
+        if not entry["needs_prepare"]:
             state = "built in"
         else:
-            state = "yes" if cls().is_prepared(folder) else f"no (fairbench prepare {name})"
+            state = "yes" if registry.is_prepared(folder, entry) else f"no (fairbench prepare {name})"
         table.add_row(name, attrs, state)
     console.print(table)
-    _show_warnings([w for w in caught if issubclass(w.category, registry.PluginWarning)])
+    for line in broken:
+        click.echo(f"warning: {line}", err=True)
 
 
 @main.command()
@@ -174,6 +183,18 @@ def _print_report(dataset: str, report: dict) -> None:
     _console().print(table)
 
 
+def _complete_names(kind: str) -> Callable[..., list[str]]:
+    """Shell completion of plugin names from the entry points alone (nothing is imported)."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        from fairbench import registry
+
+        reg = registry.methods if kind == "method" else registry.datasets
+        return [n for n in reg.names() if n.startswith(incomplete)]
+
+    return complete
+
+
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options that define a run; shared by ``run`` and ``tune``."""
     for option in reversed(_RUN_OPTIONS):
@@ -182,8 +203,22 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _RUN_OPTIONS = [
-    click.option("--method", "-m", default="erm", show_default=True, help="Method name (see 'fairbench list')."),
-    click.option("--dataset", "-d", default="synthetic", show_default=True, help="Dataset name."),
+    click.option(
+        "--method",
+        "-m",
+        default="erm",
+        show_default=True,
+        shell_complete=_complete_names("method"),
+        help="Method name (see 'fairbench list').",
+    ),
+    click.option(
+        "--dataset",
+        "-d",
+        default="synthetic",
+        show_default=True,
+        shell_complete=_complete_names("dataset"),
+        help="Dataset name.",
+    ),
     click.option(
         "--option",
         "-o",

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fairbench.paths import default_data_dir
 from fairbench.trainer import TrainConfig
 
-
-def default_data_dir() -> Path:
-    """Prepared datasets live in ``$FAIRBENCH_DATA``, else the per-user cache folder."""
-    if os.environ.get("FAIRBENCH_DATA"):
-        return Path(os.environ["FAIRBENCH_DATA"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "fairbench"
+__all__ = ["RunConfig", "default_data_dir"]
 
 
 @dataclass
