@@ -248,6 +248,31 @@ _RUN_OPTIONS = [
         default=None,
         help="Start from weights in a local checkpoint (offline).",
     ),
+    click.option(
+        "--finetune",
+        type=click.Choice(["full", "linear", "lora", "last-n"]),
+        default="full",
+        show_default=True,
+        help="Which backbone parameters train: all, the head only (linear probing), LoRA adapters + head, "
+        "or the last --last-n blocks + head.",
+    ),
+    click.option(
+        "--last-n",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Blocks trained by --finetune last-n.",
+    ),
+    click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True),
+    click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True),
+    click.option(
+        "--lora-targets",
+        default=None,
+        metavar="NAMES",
+        help="Comma-separated module names LoRA adapts, e.g. attn.qkv,attn.proj [default: ViT attention qkv and "
+        "proj; other models every non-grouped conv and linear layer].",
+    ),
+    click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True),
     click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
     click.option(
         "--patience",

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fairbench.finetune import Finetune
 from fairbench.paths import default_data_dir
 from fairbench.trainer import TrainConfig
 
@@ -27,6 +28,12 @@ class RunConfig:
     backbone: str = "resnet18"
     pretrained: bool = False
     pretrained_file: str | None = None
+    finetune: str = "full"
+    last_n: int = 1
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: str | None = None
+    lora_dropout: float = 0.0
     image_size: int | None = None
     attribute: str | None = None
     threshold: str = "0.5"
@@ -45,6 +52,18 @@ class RunConfig:
         out.update({f"method.{k}": v for k, v in self.method_options.items()})
         out.update({f"dataset.{k}": v for k, v in self.dataset_options.items()})
         return out
+
+    def finetune_spec(self) -> Finetune:
+        """The training regime of the backbone (``lora_targets``: comma-separated module names)."""
+        targets = tuple(t.strip() for t in (self.lora_targets or "").split(",") if t.strip())
+        return Finetune(
+            regime=self.finetune,
+            last_n=self.last_n,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=targets,
+            lora_dropout=self.lora_dropout,
+        )
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.finetune import Finetune
+from fairbench.finetune import apply as finetune_apply
 
 
 @dataclass
@@ -32,10 +34,19 @@ def head_fp32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
 class Backbone(nn.Module):
     """Wraps a timm model so one forward pass yields both logits and penultimate features."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, frozen_norms: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.net = net
         self.feature_dim = int(getattr(net, "head_hidden_size", None) or net.num_features)
+        self.frozen_norms = tuple(frozen_norms)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Like ``nn.Module.train``, but BatchNorm layers frozen by the training regime stay in
+        eval mode, so their running statistics do not drift."""
+        super().train(mode)
+        for name in self.frozen_norms:
+            self.net.get_submodule(name).eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
@@ -96,12 +107,14 @@ def create_backbone(
     *,
     pretrained: bool = False,
     pretrained_file: str | Path | None = None,
+    finetune: Finetune | None = None,
 ) -> Backbone:
     """Create timm model ``name`` with one output logit and ``in_chans`` input channels.
 
     ``pretrained`` downloads timm's default weights; ``pretrained_file`` loads weights from a
     local checkpoint instead (offline use), strictly: only the classifier may differ. In both
-    cases the first convolution is adapted to ``in_chans``.
+    cases the first convolution is adapted to ``in_chans``. ``finetune`` then sets which
+    parameters train (:mod:`fairbench.finetune`; LoRA adapters are injected after loading).
     """
     import timm
 
@@ -126,4 +139,5 @@ def create_backbone(
         ) from None
     if path is not None:
         _load_local_weights(net, path, in_chans)
-    return Backbone(net)
+    frozen = finetune_apply(net, finetune) if finetune is not None else []
+    return Backbone(net, frozen_norms=tuple(frozen))
