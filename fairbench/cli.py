@@ -582,6 +582,42 @@ def leaderboard(datasets, attributes, metrics, fmt, bootstrap, plots, suite, res
         click.echo(f"note: {line}", err=True)
 
 
+@main.command()
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
+)
+@click.option("--mlflow-url", default=None, help="MLflow UI address, e.g. http://host:5000: run ids become links.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Prepared datasets, for their counts [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=100),
+    default=1000,
+    show_default=True,
+    help="Paired-bootstrap resamples for the comparison with ERM.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default=None, help="[default: <results-dir>/report.html]"
+)
+@_fail_cleanly
+def report(results_dir, tracking_uri, mlflow_url, data_dir, bootstrap, output) -> None:
+    """Write one self-contained HTML page: leaderboards, plots, studies, datasets, protocol, methods."""
+    from pathlib import Path
+
+    from fairbench import report as rp
+
+    text = rp.build(results_dir, tracking_uri, mlflow_url=mlflow_url, data_dir=data_dir, n_bootstrap=bootstrap)
+    path = rp.write(text, output or Path(results_dir) / "report.html")
+    click.echo(f"wrote {path} ({len(text) / 1e6:.1f} MB)", err=True)
+
+
 def _print_leaderboard(lb, table, ranks, shown) -> None:
     from rich.table import Table
 
