@@ -107,6 +107,7 @@ def run_experiment(
         pretrained=config.pretrained,
         pretrained_file=config.pretrained_file,
         finetune=config.finetune_spec(),
+        image_size=config.image_size,
     )
     uri = tracking.resolve_tracking_uri(config.results_dir, config.tracking_uri)
     experiment = tracking.experiment_id(config.dataset, uri, config.results_dir)

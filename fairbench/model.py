@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,9 @@ class Backbone(nn.Module):
 def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
     """Load a local checkpoint strictly: only the classifier may be absent or of another size.
 
-    The first convolution is adapted to ``in_chans`` the way timm adapts downloaded weights.
+    The first convolution is adapted to ``in_chans`` and the checkpoint goes through the model
+    family's ``checkpoint_filter_fn`` (e.g. a ViT's position embeddings resampled to the input
+    size), the way timm adapts downloaded weights.
     Any other missing or unexpected key is an error, so a wrong file never trains silently
     from random initialisation.
     """
@@ -70,6 +73,10 @@ def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
             f"--pretrained-file {path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
             "give a state dict saved with torch.save or safetensors"
         ) from None
+    family = sys.modules.get(type(net).__module__)
+    adapt = getattr(family, "checkpoint_filter_fn", None)
+    if adapt is not None:  # timm's own conversion, e.g. position embeddings resampled to the input size
+        state = adapt(state, net)
     own = net.state_dict()
     classifier = net.pretrained_cfg.get("classifier", "")
     classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
@@ -101,6 +108,17 @@ def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
     net.load_state_dict(state, strict=False)
 
 
+def _create(timm, name: str, image_size: int | None, **kwargs) -> nn.Module:
+    """``timm.create_model``, with ``img_size`` for the models that take one (ViTs); CNNs take
+    any input size and no such argument."""
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(name, **kwargs)
+
+
 def create_backbone(
     name: str,
     in_chans: int,
@@ -108,6 +126,7 @@ def create_backbone(
     pretrained: bool = False,
     pretrained_file: str | Path | None = None,
     finetune: Finetune | None = None,
+    image_size: int | None = None,
 ) -> Backbone:
     """Create timm model ``name`` with one output logit and ``in_chans`` input channels.
 
@@ -115,6 +134,7 @@ def create_backbone(
     local checkpoint instead (offline use), strictly: only the classifier may differ. In both
     cases the first convolution is adapted to ``in_chans``. ``finetune`` then sets which
     parameters train (:mod:`fairbench.finetune`; LoRA adapters are injected after loading).
+    Models built for a fixed input size (ViTs) are built for ``image_size``.
     """
     import timm
 
@@ -131,7 +151,7 @@ def create_backbone(
             raise FairbenchError(f"--pretrained-file {path}: no such file; give the path of a saved state dict")
         pretrained = False
     try:
-        net = timm.create_model(name, pretrained=pretrained, num_classes=1, in_chans=in_chans)
+        net = _create(timm, name, image_size, pretrained=pretrained, num_classes=1, in_chans=in_chans)
     except (RuntimeError, OSError) as exc:
         raise FairbenchError(
             f"pretrained weights of '{name}' could not be fetched ({type(exc).__name__}: {str(exc).splitlines()[0]}); "

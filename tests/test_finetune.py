@@ -118,10 +118,19 @@ def test_lora_is_applied_after_loading_a_local_checkpoint(tmp_path):
     source.eval(), lora.eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(x).features, source(x).features)  # LoRA's B starts at zero
+    small = create_backbone("test_vit", 3, pretrained_file=path, finetune=Finetune("lora"), image_size=32)
+    assert small.net.pos_embed.shape[1] < source.net.pos_embed.shape[1]  # resampled to the 32 px grid
+    assert small(torch.randn(2, 3, 32, 32)).logits.shape == (2,)
     wrong = tmp_path / "resnet.pth"
     torch.save(create_backbone("test_resnet", 3).net.state_dict(), wrong)
     with pytest.raises(FairbenchError, match="does not fit"):
         create_backbone("test_vit", 3, pretrained_file=wrong, finetune=Finetune("lora"))
+
+
+def test_a_fixed_size_vit_is_built_for_the_run_image_size():
+    vit = create_backbone("vit_small_patch16_224", 3, image_size=48, finetune=Finetune("lora"))
+    assert vit(torch.randn(2, 3, 48, 48)).logits.shape == (2,)
+    assert create_backbone("test_resnet", 3, image_size=48)(torch.randn(2, 3, 48, 48)).logits.shape == (2,)
 
 
 @pytest.mark.parametrize(
