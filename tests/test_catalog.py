@@ -124,3 +124,14 @@ def test_unreadable_catalog_is_rebuilt(tmp_path):
     }
     assert found["datasets"]["synthetic"]["attributes"]["sex"] == ["female", "male"]
     assert registry.catalog(path)["fingerprint"] == found["fingerprint"]
+
+
+def test_shell_completion_lists_plugin_names_without_torch(plugin_dir, tmp_path):
+    code = (
+        "import sys\nfrom fairbench.cli import main\ntry:\n    main(prog_name='fairbench')\n"
+        "except SystemExit:\n    pass\nprint('TORCH_IMPORTED', 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(plugin_dir), "_FAIRBENCH_COMPLETE": "bash_complete",
+           "COMP_WORDS": "fairbench run --method ux", "COMP_CWORD": "3"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["plain,uxbroken", "plain,uxmethod", "TORCH_IMPORTED False"], done.stderr
