@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from pathlib import Path
 
 
@@ -19,7 +21,9 @@ def default_data_dir() -> Path:
 
 def catalog_file() -> Path:
     """The plugin catalog that ``fairbench list`` reads: ``$FAIRBENCH_CATALOG``, else a file in
-    the per-user cache folder (beside, not inside, the prepared datasets)."""
+    the per-user cache folder (beside, not inside, the prepared datasets), one per Python
+    environment so that several virtual environments do not keep rebuilding each other's."""
     if os.environ.get("FAIRBENCH_CATALOG"):
         return Path(os.environ["FAIRBENCH_CATALOG"])
-    return _user_cache() / "fairbench-catalog.json"
+    env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return _user_cache() / f"fairbench-catalog-{env}.json"
