@@ -61,38 +61,47 @@ def main() -> None:
 )
 @_fail_cleanly
 def list_(data_dir: str | None) -> None:
-    """List the methods and datasets that are installed."""
+    """List the methods and datasets that are installed (from a cached catalog: no torch import)."""
+    from pathlib import Path
+
     from rich.table import Table
 
     from fairbench import registry
-    from fairbench.config import RunConfig
+    from fairbench.paths import default_data_dir
 
-    folder = RunConfig(data_dir=data_dir).resolved_data_dir()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        methods = registry.methods.load_all()
-        datasets = registry.datasets.load_all()
+    folder = Path(data_dir) if data_dir else default_data_dir()
+    found = registry.catalog()
+    broken = []
     console = _console()
     table = Table(title="methods")
     table.add_column("name")
     table.add_column("uses attributes in training")
+    table.add_column("uses attributes at test")
     table.add_column("description")
-    for name, cls in methods.items():
-        table.add_row(name, "yes" if cls.uses_attributes else "no", cls.summary())
+    for name, entry in found["methods"].items():
+        if "error" in entry:
+            broken.append(entry["error"])
+            continue
+        yes_no = ["yes" if entry[k] else "no" for k in ("uses_attributes", "uses_attributes_at_test")]
+        table.add_row(name, *yes_no, entry["summary"])
     console.print(table)
     table = Table(title="datasets")
     table.add_column("name")
     table.add_column("attributes (groups)")
     table.add_column("prepared")
-    for name, cls in datasets.items():
-        attrs = "; ".join(f"{a}: {', '.join(g)}" for a, g in cls.attributes.items())
-        if not cls.needs_prepare:
+    for name, entry in found["datasets"].items():
+        if "error" in entry:
+            broken.append(entry["error"])
+            continue
+        attrs = "; ".join(f"{a}: {', '.join(g)}" for a, g in entry["attributes"].items())
+        if not entry["needs_prepare"]:
             state = "built in"
         else:
-            state = "yes" if cls().is_prepared(folder) else f"no (fairbench prepare {name})"
+            state = "yes" if registry.is_prepared(folder, entry) else f"no (fairbench prepare {name})"
         table.add_row(name, attrs, state)
     console.print(table)
-    _show_warnings([w for w in caught if issubclass(w.category, registry.PluginWarning)])
+    for line in broken:
+        click.echo(f"warning: {line}", err=True)
 
 
 @main.command()
@@ -177,6 +186,18 @@ def _print_report(dataset: str, report: dict) -> None:
     _console().print(table)
 
 
+def _complete_names(kind: str) -> Callable[..., list[str]]:
+    """Shell completion of plugin names from the entry points alone (nothing is imported)."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        from fairbench import registry
+
+        reg = registry.methods if kind == "method" else registry.datasets
+        return [n for n in reg.names() if n.startswith(incomplete)]
+
+    return complete
+
+
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options that define a run; shared by ``run`` and ``tune``."""
     for option in reversed(_RUN_OPTIONS):
@@ -185,8 +206,22 @@ def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _RUN_OPTIONS = [
-    click.option("--method", "-m", default="erm", show_default=True, help="Method name (see 'fairbench list')."),
-    click.option("--dataset", "-d", default="synthetic", show_default=True, help="Dataset name."),
+    click.option(
+        "--method",
+        "-m",
+        default="erm",
+        show_default=True,
+        shell_complete=_complete_names("method"),
+        help="Method name (see 'fairbench list').",
+    ),
+    click.option(
+        "--dataset",
+        "-d",
+        default="synthetic",
+        show_default=True,
+        shell_complete=_complete_names("dataset"),
+        help="Dataset name.",
+    ),
     click.option(
         "--option",
         "-o",
@@ -216,6 +251,31 @@ _RUN_OPTIONS = [
         default=None,
         help="Start from weights in a local checkpoint (offline).",
     ),
+    click.option(
+        "--finetune",
+        type=click.Choice(["full", "linear", "lora", "last-n"]),
+        default="full",
+        show_default=True,
+        help="Which backbone parameters train: all, the head only (linear probing), LoRA adapters + head, "
+        "or the last --last-n blocks + head.",
+    ),
+    click.option(
+        "--last-n",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Blocks trained by --finetune last-n.",
+    ),
+    click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True),
+    click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True),
+    click.option(
+        "--lora-targets",
+        default=None,
+        metavar="NAMES",
+        help="Comma-separated module names LoRA adapts, e.g. attn.qkv,attn.proj [default: ViT attention qkv and "
+        "proj; other models every non-grouped conv and linear layer].",
+    ),
+    click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True),
     click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
     click.option(
         "--patience",
@@ -603,6 +663,42 @@ def leaderboard(
     if fmt != "markdown":  # the markdown carries the notes itself
         for line in board.notes:
             click.echo(f"note: {line}", err=True)
+
+
+@main.command()
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
+)
+@click.option("--mlflow-url", default=None, help="MLflow UI address, e.g. http://host:5000: run ids become links.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Prepared datasets, for their counts [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=100),
+    default=1000,
+    show_default=True,
+    help="Paired-bootstrap resamples for the comparison with ERM.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), default=None, help="[default: <results-dir>/report.html]"
+)
+@_fail_cleanly
+def report(results_dir, tracking_uri, mlflow_url, data_dir, bootstrap, output) -> None:
+    """Write one self-contained HTML page: leaderboards, plots, studies, datasets, protocol, methods."""
+    from pathlib import Path
+
+    from fairbench import report as rp
+
+    text = rp.build(results_dir, tracking_uri, mlflow_url=mlflow_url, data_dir=data_dir, n_bootstrap=bootstrap)
+    path = rp.write(text, output or Path(results_dir) / "report.html")
+    click.echo(f"wrote {path} ({len(text) / 1e6:.1f} MB)", err=True)
 
 
 def print_leaderboard(console: Any, table: Any, ranks: Any, shown: list[str], correction: str) -> None:

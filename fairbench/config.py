@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fairbench.finetune import Finetune
+from fairbench.paths import default_data_dir
 from fairbench.trainer import TrainConfig
 
-
-def default_data_dir() -> Path:
-    """Prepared datasets live in ``$FAIRBENCH_DATA``, else the per-user cache folder."""
-    if os.environ.get("FAIRBENCH_DATA"):
-        return Path(os.environ["FAIRBENCH_DATA"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "fairbench"
+__all__ = ["RunConfig", "default_data_dir"]
 
 
 @dataclass
@@ -33,6 +28,12 @@ class RunConfig:
     backbone: str = "resnet18"
     pretrained: bool = False
     pretrained_file: str | None = None
+    finetune: str = "full"
+    last_n: int = 1
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: str | None = None
+    lora_dropout: float = 0.0
     image_size: int | None = None
     attribute: str | None = None
     threshold: str = "0.5"
@@ -52,6 +53,18 @@ class RunConfig:
         out.update({f"method.{k}": v for k, v in self.method_options.items()})
         out.update({f"dataset.{k}": v for k, v in self.dataset_options.items()})
         return out
+
+    def finetune_spec(self) -> Finetune:
+        """The training regime of the backbone (``lora_targets``: comma-separated module names)."""
+        targets = tuple(t.strip() for t in (self.lora_targets or "").split(",") if t.strip())
+        return Finetune(
+            regime=self.finetune,
+            last_n=self.last_n,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=targets,
+            lora_dropout=self.lora_dropout,
+        )
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()

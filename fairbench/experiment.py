@@ -107,7 +107,12 @@ def run_experiment(
         )
         splits = replace(splits, train=replace(splits.train, labels=labels))
     backbone = create_backbone(
-        config.backbone, splits.in_chans, pretrained=config.pretrained, pretrained_file=config.pretrained_file
+        config.backbone,
+        splits.in_chans,
+        pretrained=config.pretrained,
+        pretrained_file=config.pretrained_file,
+        finetune=config.finetune_spec(),
+        image_size=config.image_size,
     )
     uri = tracking.resolve_tracking_uri(config.results_dir, config.tracking_uri)
     experiment = tracking.experiment_id(config.dataset, uri, config.results_dir)
@@ -117,6 +122,7 @@ def run_experiment(
         dataset=config.dataset,
         seed=config.train.seed,
         backbone=config.backbone,
+        finetune=config.finetune,
         attribute=config.attribute,
         uses_attributes=method_cls.uses_attributes,
         uses_attributes_at_test=method_cls.attributes_at_test(config.method_options),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from fairbench.errors import FairbenchError, UnknownNameError
+from fairbench.finetune import Finetune
+from fairbench.finetune import apply as finetune_apply
 
 
 @dataclass
@@ -32,10 +35,19 @@ def head_fp32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
 class Backbone(nn.Module):
     """Wraps a timm model so one forward pass yields both logits and penultimate features."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, frozen_norms: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.net = net
         self.feature_dim = int(getattr(net, "head_hidden_size", None) or net.num_features)
+        self.frozen_norms = tuple(frozen_norms)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Like ``nn.Module.train``, but BatchNorm layers frozen by the training regime stay in
+        eval mode, so their running statistics do not drift."""
+        super().train(mode)
+        for name in self.frozen_norms:
+            self.net.get_submodule(name).eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
@@ -46,7 +58,9 @@ class Backbone(nn.Module):
 def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
     """Load a local checkpoint strictly: only the classifier may be absent or of another size.
 
-    The first convolution is adapted to ``in_chans`` the way timm adapts downloaded weights.
+    The first convolution is adapted to ``in_chans`` and the checkpoint goes through the model
+    family's ``checkpoint_filter_fn`` (e.g. a ViT's position embeddings resampled to the input
+    size), the way timm adapts downloaded weights.
     Any other missing or unexpected key is an error, so a wrong file never trains silently
     from random initialisation.
     """
@@ -59,6 +73,10 @@ def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
             f"--pretrained-file {path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
             "give a state dict saved with torch.save or safetensors"
         ) from None
+    family = sys.modules.get(type(net).__module__)
+    adapt = getattr(family, "checkpoint_filter_fn", None)
+    if adapt is not None:  # timm's own conversion, e.g. position embeddings resampled to the input size
+        state = adapt(state, net)
     own = net.state_dict()
     classifier = net.pretrained_cfg.get("classifier", "")
     classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
@@ -90,18 +108,33 @@ def _load_local_weights(net: nn.Module, path: Path, in_chans: int) -> None:
     net.load_state_dict(state, strict=False)
 
 
+def _create(timm, name: str, image_size: int | None, **kwargs) -> nn.Module:
+    """``timm.create_model``, with ``img_size`` for the models that take one (ViTs); CNNs take
+    any input size and no such argument."""
+    if image_size is not None:
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(name, **kwargs)
+
+
 def create_backbone(
     name: str,
     in_chans: int,
     *,
     pretrained: bool = False,
     pretrained_file: str | Path | None = None,
+    finetune: Finetune | None = None,
+    image_size: int | None = None,
 ) -> Backbone:
     """Create timm model ``name`` with one output logit and ``in_chans`` input channels.
 
     ``pretrained`` downloads timm's default weights; ``pretrained_file`` loads weights from a
     local checkpoint instead (offline use), strictly: only the classifier may differ. In both
-    cases the first convolution is adapted to ``in_chans``.
+    cases the first convolution is adapted to ``in_chans``. ``finetune`` then sets which
+    parameters train (:mod:`fairbench.finetune`; LoRA adapters are injected after loading).
+    Models built for a fixed input size (ViTs) are built for ``image_size``.
     """
     import timm
 
@@ -118,7 +151,7 @@ def create_backbone(
             raise FairbenchError(f"--pretrained-file {path}: no such file; give the path of a saved state dict")
         pretrained = False
     try:
-        net = timm.create_model(name, pretrained=pretrained, num_classes=1, in_chans=in_chans)
+        net = _create(timm, name, image_size, pretrained=pretrained, num_classes=1, in_chans=in_chans)
     except (RuntimeError, OSError) as exc:
         raise FairbenchError(
             f"pretrained weights of '{name}' could not be fetched ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
@@ -126,4 +159,5 @@ def create_backbone(
         ) from None
     if path is not None:
         _load_local_weights(net, path, in_chans)
-    return Backbone(net)
+    frozen = finetune_apply(net, finetune) if finetune is not None else []
+    return Backbone(net, frozen_norms=tuple(frozen))
