@@ -42,7 +42,14 @@ from fairbench.trainer import TrainConfig, make_optimizer, resolve_device, seed_
 ATTRIBUTES = ("sex", "age")
 
 
-def outcomes(methods: list[str], seeds: int, epochs: int | None, results_dir: str) -> list[str]:
+def outcomes(
+    methods: list[str],
+    seeds: int,
+    epochs: int | None,
+    results_dir: str,
+    image_size: int | None = None,
+    dataset_options: dict | None = None,
+) -> list[str]:
     """Per-method table (mean ± std over seeds) and the leaderboard of the same runs."""
     from fairbench import leaderboard as lb
     from fairbench.tracking import resolve_tracking_uri
@@ -52,7 +59,13 @@ def outcomes(methods: list[str], seeds: int, epochs: int | None, results_dir: st
     for method in methods:
         values: dict[str, list[float]] = {}
         for seed in range(seeds):
-            config = RunConfig(method=method, train=replace(train, seed=seed), results_dir=results_dir)
+            config = RunConfig(
+                method=method,
+                train=replace(train, seed=seed),
+                results_dir=results_dir,
+                image_size=image_size,
+                dataset_options=dict(dataset_options or {}),
+            )
             result = run_experiment(config, progress=False, extra_tags={"fairbench.benchmark": "methods"})
             keys = ["auc"] + [f"{a}/{m}" for a in ATTRIBUTES for m in ("tpr_gap", "fpr_gap")]
             for key in keys:
@@ -75,7 +88,7 @@ def outcomes(methods: list[str], seeds: int, epochs: int | None, results_dir: st
         "",
         "Leaderboard of these runs (`fairbench leaderboard`):",
         "",
-        lb.to_markdown(table, board.ranks, shown),
+        lb.to_markdown(table, board.ranks, shown, board.notes, board.correction),
     ]
 
 
@@ -186,6 +199,8 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: every registered one)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (outcomes)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the trainer's)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size of the runs (default: 48 px)")
+    parser.add_argument("--n-train", type=int, default=None, help="training images of the runs (default: 1500)")
     parser.add_argument("--steps", type=int, default=10, help="batches per timed pass")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed passes per method")
     parser.add_argument("--backbone", default=None, help="backbone for the step times (default: the run default)")
@@ -202,11 +217,13 @@ def main() -> None:
     lines = [f"## Methods on synthetic ({date.today().isoformat()}, {machine()}, torch {torch.__version__})", ""]
     if not args.skip_outcomes:
         epochs = "the trainer's default epochs" if args.epochs is None else f"{args.epochs} epochs"
+        data = {"n_train": args.n_train} if args.n_train else {}
+        size = f"{args.image_size} px" if args.image_size else "48 px"
         lines += [
-            f"Default options (resnet18, `fairbench run` defaults, {epochs}), seeds 0–{args.seeds - 1}; "
-            "test split; mean ± std over seeds.",
+            f"Default options (resnet18, `fairbench run` defaults, {epochs}, {size}, "
+            f"{args.n_train or 1500} training images), seeds 0–{args.seeds - 1}; test split; mean ± std over seeds.",
             "",
-            *outcomes(methods, args.seeds, args.epochs, args.results_dir),
+            *outcomes(methods, args.seeds, args.epochs, args.results_dir, args.image_size, data),
             "",
         ]
     if not args.skip_steps:

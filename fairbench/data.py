@@ -100,6 +100,8 @@ class Dataset:
     attributes: ClassVar[dict[str, list[str]]] = {}
     label_names: ClassVar[tuple[str, ...]] = ()
     """Clinical names of the dataset's findings (e.g. for label embeddings); may be empty."""
+    crossings: ClassVar[tuple[str, ...]] = ()
+    """Intersectional attributes evaluated by default, e.g. ``("race_x_sex",)``."""
     in_chans: ClassVar[int] = 3
     default_image_size: ClassVar[int] = 224
     cache_size: ClassVar[int] = 256

@@ -98,7 +98,7 @@ def run_experiment(
     splits = dataset.load(data_dir, config.image_size)
     splits = replace(splits, label_names=tuple(dataset.label_names), folder=data_dir / dataset.name)
     # crossings the dataset evaluates by default, and the training attribute when it is one
-    splits = crossed.add_crossed(splits, [*getattr(dataset, "crossings", ()), *filter(None, [config.attribute])])
+    splits = crossed.add_crossed(splits, [*dataset.crossings, *filter(None, [config.attribute])])
     flipped = None
     if config.label_bias:
         column, code, fraction = parse_label_bias(config.label_bias, splits.attributes)

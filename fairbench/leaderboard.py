@@ -206,13 +206,19 @@ def _predictions(client: Any, run_id: str, cache: dict[str, pd.DataFrame | None]
 
 
 def _attribute_groups(dataset: str, attributes: list[str], preds: pd.DataFrame) -> dict[str, list[str]]:
-    """Group names in code order, from the dataset plugin when installed, else the codes."""
+    """Group names in code order, from the dataset plugin when installed (crossed attributes
+    from their parts), else the codes."""
     from fairbench import registry
+    from fairbench.attributes import groups, parts
 
     try:
-        known = registry.datasets.get(dataset).attributes
+        known = dict(registry.datasets.get(dataset).attributes)
     except FairbenchError:
         known = {}
+    for a in attributes:
+        pair = parts(a)
+        if pair and all(p in known for p in pair):
+            known[a] = groups(known[pair[0]], known[pair[1]])
     return {
         a: list(known[a]) if a in known else [str(c) for c in range(int(preds[a].max()) + 1)]
         for a in attributes
