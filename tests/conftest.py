@@ -25,6 +25,7 @@ def tiny_config(tmp_path):
             backbone="test_resnet",
             image_size=32,
             bootstrap=50,
+            min_group_count=1,  # tiny groups: every group enters the gaps
             train=train,
             results_dir=str(tmp_path / "results"),
             tracking_uri=f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}",
