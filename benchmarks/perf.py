@@ -440,7 +440,7 @@ def main() -> None:
         from methods import step_times
 
         for size, steps in ((48, args.steps_48), (224, args.steps_224)):
-            times = step_times(steps=steps, rounds=args.rounds, image_size=size)
+            times = step_times(["erm", "reweight", "adversarial", "nir"], steps, args.rounds, None, image_size=size)
             for method, target in (("reweight", 1.03), ("adversarial", 1.10), ("nir", 1.03)):
                 r = times[method] / times["erm"]
                 row(
