@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from fairbench import cache
-from fairbench.data import Dataset, Split, Splits
+from fairbench.data import Dataset, Splits, splits_of_table
 from fairbench.errors import FairbenchError, UnknownNameError
 
 FINDINGS = (
@@ -266,13 +266,7 @@ class ChestXray(Dataset):
     def load(self, data_dir: Path, image_size: int) -> Splits:
         images, meta, _ = cache.load(data_dir, self.name)
         table = self.table(meta)
-        attrs = table[list(self.attributes)].to_numpy(np.int64)
-        labels = table["label"].to_numpy(np.int64)
-        split = table["split"].to_numpy()
-        parts = {}
-        for name in ("train", "val", "test"):
-            rows = np.flatnonzero(split == name)
-            parts[name] = Split(images=images, labels=labels[rows], attrs=attrs[rows], rows=rows)
+        parts = splits_of_table(images, table, self.attributes)
         return Splits(
             **parts,
             attributes={k: list(v) for k, v in self.attributes.items()},

@@ -26,7 +26,7 @@ import pandas as pd
 from fairbench.datasets.chest_xray import check_values, read_table
 
 from fairbench import cache
-from fairbench.data import Dataset, Split, Splits
+from fairbench.data import Dataset, Splits, splits_of_table
 from fairbench.errors import FairbenchError
 from fairbench.prepare import decode_images, read_jpeg
 
@@ -127,12 +127,7 @@ class Fitzpatrick17k(Dataset):
     def load(self, data_dir: Path, image_size: int) -> Splits:
         images, meta, _ = cache.load(data_dir, self.name)
         table = self.table(meta)
-        attrs = table[list(self.attributes)].to_numpy(np.int64)
-        labels = table["label"].to_numpy(np.int64)
-        parts = {}
-        for name in ("train", "val", "test"):
-            rows = np.flatnonzero(table["split"].to_numpy() == name)
-            parts[name] = Split(images=images, labels=labels[rows], attrs=attrs[rows], rows=rows)
+        parts = splits_of_table(images, table, self.attributes)
         return Splits(
             **parts,
             attributes={k: list(v) for k, v in self.attributes.items()},

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fairbench import cache
-from fairbench.data import Dataset, Split, Splits
+from fairbench.data import Dataset, Splits, splits_of_table
 from fairbench.errors import FairbenchError
 from fairbench.prepare import decode_images
 
@@ -193,12 +193,7 @@ class HAM10000(Dataset):
     def load(self, data_dir: Path, image_size: int) -> Splits:
         images, meta, _ = cache.load(data_dir, self.name)
         table = self.table(meta)
-        attrs = table[list(self.attributes)].to_numpy(np.int64)
-        labels = table["label"].to_numpy(np.int64)
-        splits = {}
-        for name in ("train", "val", "test"):
-            rows = np.flatnonzero(table["split"].to_numpy() == name)
-            splits[name] = Split(images=images, labels=labels[rows], attrs=attrs[rows], rows=rows)
+        splits = splits_of_table(images, table, self.attributes)
         return Splits(
             **splits,
             attributes={k: list(v) for k, v in self.attributes.items()},

@@ -577,6 +577,25 @@ def suite(
     )
 
 
+def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--results-dir`` and ``--tracking-uri``: where the MLflow store of the runs is."""
+    fn = click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
+    )(fn)
+    return click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)(fn)
+
+
+_bootstrap_option = click.option(
+    "--bootstrap",
+    type=click.IntRange(min=100),
+    default=1000,
+    show_default=True,
+    help="Paired-bootstrap resamples of the test set for the comparison with ERM.",
+)
+
+
 @main.command()
 @click.option("--dataset", "datasets", multiple=True, help="Only these datasets (repeatable).")
 @click.option(
@@ -595,13 +614,7 @@ def suite(
     default=None,
     help="What to print [default: a table fitted to the terminal, markdown when not a terminal].",
 )
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=100),
-    default=1000,
-    show_default=True,
-    help="Paired-bootstrap resamples of the test set for the comparison with ERM.",
-)
+@_bootstrap_option
 @click.option(
     "--correction",
     type=click.Choice(["bh", "holm", "none"]),
@@ -611,12 +624,7 @@ def suite(
 )
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
 @click.option("--suite", default=None, help="Only the runs of this suite.")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
-)
+@_store_options
 @_fail_cleanly
 def leaderboard(
     datasets, attributes, metrics, fmt, bootstrap, correction, plots, suite, results_dir, tracking_uri
@@ -666,12 +674,7 @@ def leaderboard(
 
 
 @main.command()
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///<results-dir>/mlflow.db].",
-)
+@_store_options
 @click.option("--mlflow-url", default=None, help="MLflow UI address, e.g. http://host:5000: run ids become links.")
 @click.option(
     "--data-dir",
@@ -679,13 +682,7 @@ def leaderboard(
     default=None,
     help="Prepared datasets, for their counts [default: $FAIRBENCH_DATA or ~/.cache/fairbench].",
 )
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=100),
-    default=1000,
-    show_default=True,
-    help="Paired-bootstrap resamples for the comparison with ERM.",
-)
+@_bootstrap_option
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), default=None, help="[default: <results-dir>/report.html]"
 )
@@ -756,11 +753,6 @@ def embed_labels(dataset: str, model: str, data_dir: str | None) -> None:
 @main.group()
 def analyze() -> None:
     """Analyses of a finished run: neural collapse per subgroup, neuron incidence."""
-
-
-def _store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--tracking-uri", default=None, help="MLflow store (or $MLFLOW_TRACKING_URI).")(fn)
-    return click.option("--results-dir", type=click.Path(file_okay=False), default="results", show_default=True)(fn)
 
 
 @analyze.command("nc")

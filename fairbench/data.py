@@ -90,6 +90,20 @@ class Splits:
         return (self.in_chans, side, side)
 
 
+def splits_of_table(images: np.ndarray, table, attributes: dict[str, list[str]]) -> dict[str, Split]:
+    """The train/val/test :class:`Split` views of a prepared cache: ``table`` (one row per image of
+    ``images``, in order) holds ``split``, ``label`` and one code column per attribute; rows of any
+    other split (e.g. ``excluded``) belong to none."""
+    attrs = table[list(attributes)].to_numpy(np.int64)
+    labels = table["label"].to_numpy(np.int64)
+    split = table["split"].to_numpy()
+    out = {}
+    for name in SPLITS:
+        rows = np.flatnonzero(split == name)
+        out[name] = Split(images=images, labels=labels[rows], attrs=attrs[rows], rows=rows)
+    return out
+
+
 class Dataset:
     """Base class of dataset adapters (registered in the ``fairbench.datasets`` group).
 
